@@ -1,0 +1,303 @@
+"""The native, on-device vector env of `DiffusionSteer-v0` (specification: `diffenv.env`).
+
+Every sub-env's state is a row of a few torch tensors on `device`; a step is one batched network call
+plus the sampler's transition maths, with no Python loop over sub-envs. Observations, rewards and
+flags are returned as torch tensors on `device`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from diffenv.config import EnvConfig
+from diffenv.models import load_backend, nfe_per_step
+from diffenv.samplers import make_sampler
+
+_AUTORESET = {m.name.lower(): m for m in AutoresetMode}
+
+
+def _autoreset_mode(mode: str | AutoresetMode) -> AutoresetMode:
+    if isinstance(mode, AutoresetMode):
+        return mode
+    key = str(mode).lower()
+    if key not in _AUTORESET:
+        raise ValueError(f"autoreset_mode must be one of {sorted(_AUTORESET)} or an AutoresetMode, got {mode!r}")
+    return _AUTORESET[key]
+
+
+class DiffusionSteerVectorEnv(VectorEnv):
+    """`num_envs` denoising episodes stepped together; see `diffenv.env.DiffusionSteerEnv` for the MDP.
+
+    Extra arguments beyond the single env's: ``num_envs`` and ``autoreset_mode`` (``"next_step"``
+    default, ``"same_step"``, ``"disabled"``; with ``"disabled"`` reset finished sub-envs with
+    ``reset(options={"reset_mask": mask})``).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+
+    def __init__(self, num_envs: int = 1, autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+                 max_episode_steps: int | None = None, **kwargs: Any):
+        cfg = EnvConfig(**kwargs)
+        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        if num_envs % cfg.group_size:
+            raise ValueError(
+                f"num_envs={num_envs} is not divisible by group_size={cfg.group_size}; "
+                f"expected a multiple of {cfg.group_size}"
+            )
+        self.cfg = cfg
+        self.num_envs = int(num_envs)
+        self.device = torch.device(cfg.device)
+        self.backend = load_backend(cfg.model, device=self.device)
+        cfg.check_against(self.backend)
+        self.sampler = make_sampler(
+            cfg.sampler_name(self.backend.family), self.backend.scheduler_config, cfg.num_steps,
+            family=self.backend.family, eta=cfg.eta, noise_level=cfg.noise_level, device=self.device,
+        )
+        self.reward_fn = cfg.make_reward(self.device)
+        self.condition_set = torch.as_tensor(cfg.condition_ids(self.backend.n_conditions), device=self.device)
+        self.episode_length = 1 if cfg.action_mode == "initial_noise" else cfg.num_steps
+        if max_episode_steps is not None and max_episode_steps < self.episode_length:
+            raise ValueError(
+                f"max_episode_steps={max_episode_steps} would truncate episodes that last exactly "
+                f"{self.episode_length} steps; expected None or >= {self.episode_length}"
+            )
+        self.metadata = {**self.metadata, "autoreset_mode": _autoreset_mode(autoreset_mode)}
+        self.autoreset_mode = self.metadata["autoreset_mode"]
+        self.nfe_per_step = nfe_per_step(cfg.guidance_scale)
+
+        shape = tuple(self.backend.latent_shape)
+        self.single_observation_space = spaces.Dict({
+            "latent": spaces.Box(-np.inf, np.inf, shape, np.float32),
+            "timestep": spaces.Box(0.0, 1.0, (1,), np.float32),
+            "condition": spaces.Discrete(self.backend.n_conditions),
+        })
+        bound = cfg.action_bound if cfg.action_mode == "noise" else np.inf
+        self.single_action_space = spaces.Box(-bound, bound, shape, np.float32)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        n, dev = self.num_envs, self.device
+        self.generator = torch.Generator(device=dev)
+        self.generator.manual_seed(cfg.seed if cfg.seed is not None else secrets.randbits(63))
+        self.latents = torch.zeros((n, *shape), device=dev)  # [N, C, H, W]
+        self.step_index = torch.zeros(n, dtype=torch.long, device=dev)  # [N], k in 0..K
+        self.conditions = torch.zeros(n, dtype=torch.long, device=dev)  # [N]
+        self.nfe = torch.zeros(n, dtype=torch.long, device=dev)  # [N], this episode
+        self._needs_reset = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._cached_output: torch.Tensor | None = None  # model output at the current latents
+        self._last_dense = torch.zeros(n, device=dev)  # R(x̂0) at the current latents (dense reward)
+        self._started = False
+        self._group = torch.arange(n, device=dev) // cfg.group_size  # [N] group id of each sub-env
+
+    # ------------------------------------------------------------------ reset
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                raise TypeError(f"seed must be an int (one generator drives all sub-envs), got {seed!r}")
+            self.generator.manual_seed(int(seed))
+        options = dict(options or {})
+        mask = self._reset_mask(options.pop("reset_mask", None))
+        conditions = options.pop("conditions", None)
+        if options:
+            raise ValueError(f"unknown reset options {sorted(options)}; expected 'reset_mask' and/or 'conditions'")
+        self._reset_rows(mask, conditions)
+        self._started = True
+        return self._observation(), self._info()
+
+    def _reset_mask(self, mask) -> torch.Tensor:
+        if mask is None:
+            return torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        mask = torch.as_tensor(mask, device=self.device)
+        if mask.dtype != torch.bool or mask.shape != (self.num_envs,):
+            raise ValueError(
+                f"reset_mask must be a bool array of shape ({self.num_envs},), got {mask.dtype} {tuple(mask.shape)}"
+            )
+        grouped = mask.view(-1, self.cfg.group_size)
+        if not (grouped.all(1) | ~grouped.any(1)).all():
+            raise ValueError(f"reset_mask must reset whole groups of group_size={self.cfg.group_size} sub-envs")
+        if not self._started and not mask.all():
+            raise ValueError("the first reset must reset every sub-env; got a partial reset_mask")
+        return mask
+
+    def _draw_conditions(self, conditions) -> torch.Tensor:
+        n_groups = self.num_envs // self.cfg.group_size
+        if conditions is None:
+            pick = torch.randint(len(self.condition_set), (n_groups,), generator=self.generator, device=self.device)
+            return self.condition_set[pick].repeat_interleave(self.cfg.group_size)
+        c = torch.as_tensor(conditions, device=self.device)
+        if c.dtype.is_floating_point or c.shape != (self.num_envs,):
+            raise ValueError(f"conditions must be ints of shape ({self.num_envs},), got {c.dtype} {tuple(c.shape)}")
+        bad = c[~torch.isin(c, self.condition_set)]
+        if len(bad):
+            raise ValueError(
+                f"conditions {sorted(set(bad.tolist()))} are not in this env's condition set "
+                f"{self.condition_set.tolist()}"
+            )
+        if not (c.view(-1, self.cfg.group_size) == c.view(-1, self.cfg.group_size)[:, :1]).all():
+            raise ValueError(f"conditions must be equal within each group of group_size={self.cfg.group_size}")
+        return c.long()
+
+    def _draw_initial_noise(self) -> torch.Tensor:
+        shape = tuple(self.backend.latent_shape)
+        if self.cfg.share_noise:
+            n_groups = self.num_envs // self.cfg.group_size
+            x = torch.randn((n_groups, *shape), generator=self.generator, device=self.device)
+            return x.repeat_interleave(self.cfg.group_size, dim=0)
+        return torch.randn((self.num_envs, *shape), generator=self.generator, device=self.device)
+
+    def _reset_rows(self, mask: torch.Tensor, conditions=None) -> None:
+        cond, x_T = self._draw_conditions(conditions), self._draw_initial_noise()
+        full = bool(mask.all())
+        if full:
+            self.conditions, self.latents = cond, x_T
+        else:
+            self.conditions = torch.where(mask, cond, self.conditions)
+            self.latents = torch.where(mask.view(-1, 1, 1, 1), x_T, self.latents)
+        self.step_index = self.step_index.masked_fill(mask, 0)
+        self.nfe = self.nfe.masked_fill(mask, 0)
+        self._needs_reset = self._needs_reset & ~mask
+        self._cached_output = None
+        if self.cfg.dense_reward:
+            out = self._predict(self.latents, self.step_index)
+            self.nfe = self.nfe + mask * self.nfe_per_step
+            self._cached_output = out if full and self.cfg.action_mode == "noise" else None
+            x0_hat = self.sampler.pred_original_sample(self.latents, out, self.step_index)
+            r = self._score(x0_hat)[0]
+            self._last_dense = torch.where(mask, r, self._last_dense)
+
+    # ------------------------------------------------------------------ step
+    def step(self, actions):
+        if not self._started:
+            raise RuntimeError("step() called before reset(); call env.reset() first")
+        actions = self._check_actions(actions)
+        n = self.num_envs
+        reward = torch.zeros(n, device=self.device)
+        info: dict[str, Any] = {}
+        resetting = self._needs_reset.clone()
+        if resetting.any():  # NEXT_STEP autoreset: these sub-envs ignore the action and start over
+            self._reset_rows(resetting)
+        done = self.step_index >= self.episode_length
+        if done.any() and self.autoreset_mode is AutoresetMode.DISABLED:
+            raise RuntimeError(
+                f"sub-envs {done.nonzero().flatten().tolist()} already terminated; with autoreset_mode=DISABLED "
+                "call reset(options={'reset_mask': mask}) before stepping them"
+            )
+        active = ~resetting
+        if self.cfg.action_mode == "initial_noise":
+            self._run_from_initial_noise(actions, active)
+        else:
+            self._transition(actions, active)
+        terminated = active & (self.step_index >= self.episode_length)
+        if terminated.any() or self.cfg.dense_reward:
+            reward = self._rewards(active, terminated, info)
+        obs = self._observation()
+        if self.autoreset_mode is AutoresetMode.NEXT_STEP:
+            self._needs_reset = terminated
+        elif self.autoreset_mode is AutoresetMode.SAME_STEP and terminated.any():
+            info["final_obs"], info["_final_obs"] = obs, terminated
+            self._reset_rows(terminated)
+            obs = self._observation()
+        info.update(self._info())
+        return obs, reward, terminated, torch.zeros_like(terminated), info
+
+    def _check_actions(self, actions) -> torch.Tensor:
+        expected = (self.num_envs, *self.backend.latent_shape)
+        if not isinstance(actions, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"actions must be a torch.Tensor or numpy array of shape {expected}, got {type(actions).__name__}")
+        a = torch.as_tensor(actions, device=self.device)
+        if tuple(a.shape) != expected:
+            raise ValueError(f"actions have shape {tuple(a.shape)}; expected {expected} (num_envs, *latent_shape)")
+        if not a.dtype.is_floating_point:
+            raise TypeError(f"actions must be floating point, got {a.dtype}")
+        a = a.float()
+        if not torch.isfinite(a).all():
+            bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"actions contain NaN or inf (sub-envs {bad}); expected finite values")
+        if self.cfg.action_mode == "noise" and np.isfinite(self.cfg.action_bound):
+            a = a.clamp(-self.cfg.action_bound, self.cfg.action_bound)
+        return a
+
+    def _predict(self, latents: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        t = self.sampler.model_timesteps[step_index.clamp(max=self.cfg.num_steps - 1)]
+        return self.backend.predict(latents, t, self.conditions, self.cfg.guidance_scale)
+
+    def _transition(self, actions: torch.Tensor, active: torch.Tensor) -> None:
+        k = self.step_index
+        if self.cfg.action_mode == "latent":
+            new = actions
+        else:  # noise: one step of the frozen base sampler, driven by the action
+            out = self._cached_output if self._cached_output is not None else self._predict(self.latents, k)
+            self.nfe = self.nfe + active * self.nfe_per_step * (self._cached_output is None)
+            mean, std = self.sampler.step_distribution(self.latents, out, k.clamp(max=self.cfg.num_steps - 1))
+            new = mean + std.view(-1, 1, 1, 1) * actions
+        self._cached_output = None
+        if self.cfg.fork_at is not None:  # the group follows its first member's trajectory until fork_at
+            leader = new.view(-1, self.cfg.group_size, *new.shape[1:])[:, :1].expand_as(
+                new.view(-1, self.cfg.group_size, *new.shape[1:])).reshape(new.shape)
+            new = torch.where((k < self.cfg.fork_at).view(-1, 1, 1, 1), leader, new)
+        self.latents = new if active.all() else torch.where(active.view(-1, 1, 1, 1), new, self.latents)
+        self.step_index = self.step_index + active
+
+    def _run_from_initial_noise(self, actions: torch.Tensor, active: torch.Tensor) -> None:
+        x = actions
+        for k in range(self.cfg.num_steps):
+            idx = torch.full((self.num_envs,), k, dtype=torch.long, device=self.device)
+            out = self._predict(x, idx)
+            x = self.sampler.step_distribution(x, out, idx)[0]  # deterministic sampler: std is 0
+        self.latents = torch.where(active.view(-1, 1, 1, 1), x, self.latents)
+        self.nfe = self.nfe + active * self.nfe_per_step * self.cfg.num_steps
+        self.step_index = self.step_index + active
+
+    # ------------------------------------------------------------------ reward
+    def _score(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        images = self.backend.decode(x0)
+        if self.reward_fn is None:
+            return torch.zeros(len(x0), device=self.device), images, {}
+        comps = self.reward_fn.components(images, self.conditions)
+        total = comps[self.reward_fn.name] if self.reward_fn.name in comps else self.reward_fn(images, self.conditions)
+        return total.to(self.device, torch.float32), images, comps
+
+    def _rewards(self, active, terminated, info) -> torch.Tensor:
+        total, images, comps = self._score(self._current_x0_estimate(terminated))
+        if self.cfg.dense_reward:
+            reward = torch.where(active, total - self._last_dense, torch.zeros_like(total))
+            self._last_dense = torch.where(active, total, self._last_dense)
+        else:
+            reward = torch.where(terminated, total, torch.zeros_like(total))
+        if terminated.any():
+            info["final_images"], info["_final_images"] = images, terminated
+            info["reward_components"] = {k: v.to(self.device) for k, v in comps.items()}
+            info["_reward_components"] = terminated
+        return reward
+
+    def _current_x0_estimate(self, terminated: torch.Tensor) -> torch.Tensor:
+        """x0 at terminated rows; the model's x̂0 at the others (dense reward only; cached for the next step)."""
+        if not self.cfg.dense_reward or terminated.all():
+            return self.latents
+        out = self._predict(self.latents, self.step_index)
+        self._cached_output = out if self.cfg.action_mode == "noise" else None
+        self.nfe = self.nfe + ~terminated * self.nfe_per_step
+        x0_hat = self.sampler.pred_original_sample(self.latents, out, self.step_index.clamp(max=self.cfg.num_steps - 1))
+        return torch.where(terminated.view(-1, 1, 1, 1), self.latents, x0_hat)
+
+    # ------------------------------------------------------------------ views
+    def _observation(self) -> dict[str, torch.Tensor]:
+        if self.cfg.action_mode == "initial_noise":
+            t = torch.where(self.step_index > 0, 0.0, 1.0)
+        else:
+            t = self.sampler.obs_timesteps[self.step_index]
+        return {"latent": self.latents, "timestep": t.view(-1, 1).float(), "condition": self.conditions}
+
+    def _info(self) -> dict[str, Any]:
+        return {"nfe": self.nfe, "step_index": self.step_index}
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self._started = False
