@@ -48,11 +48,27 @@ def env_kwargs(a: argparse.Namespace) -> dict:
                 device=a.device)
 
 
+def load_model(a: argparse.Namespace):
+    """The backend named by --model, with the --lora adapter (if any) loaded into its denoiser."""
+    if not getattr(a, "lora", None):
+        return a.model
+    from diffenv.models import load_backend
+    from diffenv.models.lora import load_lora
+
+    backend = load_backend(a.model, device=a.device)
+    meta = load_lora(backend.denoiser, a.lora)
+    base = meta.get("model")
+    if base is not None and base != a.model:
+        raise ValueError(f"--lora {a.lora} was trained on model {base!r}, but --model is {a.model!r}")
+    return backend
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
     from diffenv.sampling import generate
     from diffenv.viz import save_grid
 
-    result = generate(a.n, batch_size=a.batch_size, seed=a.seed, progress=a.n > a.batch_size, **env_kwargs(a))
+    kwargs = {**env_kwargs(a), "model": load_model(a)}
+    result = generate(a.n, batch_size=a.batch_size, seed=a.seed, progress=a.n > a.batch_size, **kwargs)
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=250)
     s.add_argument("--out", default=None, help="npz file for images [N,C,H,W] in [0,1] and conditions [N]")
     s.add_argument("--grid", default=None, help="PNG grid of the first 100 images")
+    s.add_argument("--lora", default=None, help="LoRA adapter (safetensors) to sample the tuned model")
     s.add_argument("--judge", default=None, help="also report accuracy by this classifier (e.g. digit_judge)")
     s.set_defaults(func=cmd_sample)
     return parser

@@ -1,0 +1,135 @@
+"""LoRA adapters on a backend's denoiser, via peft (Hu et al. 2021), saved as safetensors.
+
+`UNet2DModel` has no `add_adapter`, so adapters are injected with `peft.inject_adapter_in_model` and
+read/written with `get/set_peft_model_state_dict` (DESIGN §8). A LoRA file carries its config in the
+safetensors metadata, so `load_lora` can rebuild the adapter on a fresh base model; mismatches (wrong
+base architecture, wrong rank) are errors, never silent re-initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+#: attention projections, resnet convolutions and their time projections: present in UNet2DModel,
+#: UNet2DConditionModel and (attention only) the SD3/Flux transformers
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+ADAPTER = "default"
+_META_KEY = "diffusion_steer_lora"
+
+
+def _tuner_layers(model: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(_tuner_layers(model))
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
+             target_modules: Sequence[str] | None = None, init_lora_weights: bool | str = True) -> dict:
+    """Inject a LoRA adapter in place; freeze everything else. Returns the adapter config (a dict).
+
+    With peft's default init (B = 0) the adapted model equals the base model exactly.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+    if has_lora(model):
+        raise ValueError("this model already has a LoRA adapter; load or reuse it instead of adding another")
+    config = dict(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
+                  target_modules=list(target_modules or DEFAULT_TARGET_MODULES), init_lora_weights=init_lora_weights)
+    inject_adapter_in_model(LoraConfig(**config), model, adapter_name=ADAPTER)
+    if not has_lora(model):
+        raise ValueError(f"no module of the model matches target_modules={config['target_modules']}")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return config
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base (reference) model: every LoRA layer bypassed inside the block."""
+    layers = _tuner_layers(model)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+            # enable_adapters(True) re-enables grads of the *active* adapter only, as we want
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+
+
+def save_lora(model: nn.Module, path: str | Path, config: dict, extra: dict | None = None) -> Path:
+    """Write the adapter weights + config to `path` (safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    meta = {_META_KEY: json.dumps({"config": config, **(extra or {})}, sort_keys=True)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, metadata) of a LoRA file written by `save_lora`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types on corrupt headers
+        raise ValueError(f"LoRA file {path} is not a readable safetensors file: {e}") from e
+    if _META_KEY not in meta:
+        raise ValueError(f"LoRA file {path} has no {_META_KEY!r} metadata; was it written by save_lora?")
+    return tensors, json.loads(meta[_META_KEY])
+
+
+def load_lora(model: nn.Module, path: str | Path) -> dict:
+    """Inject (if needed) and fill the adapter from `path`. Returns the file's metadata."""
+    from peft import set_peft_model_state_dict
+
+    tensors, meta = read_lora(path)
+    if not has_lora(model):
+        add_lora(model, rank=meta["config"]["r"], alpha=meta["config"]["lora_alpha"],
+                 target_modules=meta["config"]["target_modules"])
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"LoRA file {path} does not match this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (different base model or target_modules?)")
+    bad = [k for k in expected if expected[k].shape != tensors[k].shape]
+    if bad:
+        raise ValueError(f"LoRA file {path} has shape {tuple(tensors[bad[0]].shape)} for {bad[0]}, "
+                         f"expected {tuple(expected[bad[0]].shape)} (different rank or base model?)")
+    device = next(model.parameters()).device
+    set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()}, adapter_name=ADAPTER)
+    return meta
