@@ -23,21 +23,24 @@ import torch
 import diffenv  # noqa: F401  (registers DiffusionSteer-v0)
 
 
-def timed(fn, episodes: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fns, episodes: int) -> list[float]:
+    """Median seconds per call of each function, calls interleaved so drift hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(episodes):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-envs", type=int, default=64)
     p.add_argument("--num-steps", type=int, default=10)
-    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--model", default="digits-eps")
     p.add_argument("--reward", default="digit_classifier")
     a = p.parse_args(argv)
@@ -74,8 +77,8 @@ def main(argv=None) -> None:
         for _ in range(k):
             sync.step(rng.standard_normal(sync.action_space.shape).astype(np.float32))
 
-    t_bare, t_native = timed(bare, a.episodes), timed(native, a.episodes)
-    t_sync = timed(sync_episode, max(1, a.episodes // 2))
+    t_bare, t_native = timed([bare, native], a.episodes)
+    (t_sync,) = timed([sync_episode], max(1, a.episodes // 5))
     print(f"model={a.model} reward={a.reward} num_envs={n} num_steps={k} torch_threads={torch.get_num_threads()}")
     for name, t in (("bare batched denoiser+sampler", t_bare), ("native vector env", t_native),
                     ("SyncVectorEnv of single envs", t_sync)):

@@ -1,0 +1,28 @@
+"""Diffusion-RL algorithms, one file each, all on the rollout format of `agents.rollout`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
+from agents.algos.ddpo import DDPO, DDPOConfig
+from agents.algos.grpo import GRPO, GRPOConfig
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, GRPO)}
+
+
+def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) -> AlgoConfig:
+    """The algorithm's config dataclass with `overrides` applied; unknown fields are an error."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algo {algo!r}; expected one of {sorted(ALGORITHMS)}")
+    cls = ALGORITHMS[algo].Config
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(overrides or {}) - names)
+    if bad:
+        raise ValueError(f"unknown {algo} option(s) {bad}; expected some of {sorted(names)}")
+    return cls(**(overrides or {}))
+
+
+__all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "clipped_surrogate", "make_algorithm_config",
+           "DDPO", "DDPOConfig", "GRPO", "GRPOConfig"]

@@ -1,0 +1,86 @@
+"""What every algorithm shares: its config fields, its interface, the PPO-clip surrogate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from tensordict import TensorDict
+
+from agents.distributed import Dist
+from agents.policy import DiffusionPolicy
+
+
+@dataclass
+class AlgoConfig:
+    """Fields every algorithm has (each algorithm's dataclass adds its own)."""
+
+    images_per_epoch: int = 64
+    """images generated per epoch (all ranks together)"""
+    group_size: int = 8
+    """sub-envs sharing a condition (GRPO groups; FDFO pairs use 2)"""
+    share_noise: bool = False
+    """group members also share x_T"""
+    lr: float = 3e-4
+    """AdamW learning rate of the LoRA parameters"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    inner_epochs: int = 1
+    """passes over each epoch's training items"""
+    minibatch_size: int = 640
+    """training items (transitions or samples) per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    eta: float = 1.0
+    """DDIM η of the rollout sampler (ε-models)"""
+    noise_level: float = 0.7
+    """flow-SDE `a` of the rollout sampler (flow models)"""
+
+
+class Algorithm:
+    """An algorithm = `prepare` (no-grad: advantages and old-policy quantities) + `loss` (a pure
+    function of a minibatch of prepared items). The trainer owns collection, optimisation, logging."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[AlgoConfig]]
+    families: ClassVar[tuple[str, ...]] = ("ddpm", "flow")
+
+    def __init__(self, policy: DiffusionPolicy, cfg: AlgoConfig, dist: Dist | None = None):
+        if policy.backend.family not in self.families:
+            raise ValueError(f"{self.name} supports model families {self.families}, "
+                             f"got {policy.backend.family!r} ({policy.model_name})")
+        self.policy, self.cfg = policy, cfg
+        self.dist = dist or Dist()
+
+    def prepare(self, rollout: TensorDict) -> TensorDict:
+        raise NotImplementedError
+
+    def loss(self, items: TensorDict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_update(self) -> None:
+        """Called after every optimizer step (e.g. an EMA old policy)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> dict[str, torch.Tensor]:
+    """PPO-clip (Schulman et al. 2017, eq. 7): `E max(−A ρ, −A clip(ρ, 1 ± ε))` with diagnostics."""
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        return {
+            "loss": loss,  # keeps its graph: the trainer backpropagates this entry
+            "policy_loss": loss.detach(),
+            "ratio_mean": ratio.mean(),
+            "ratio_max": ratio.max(),
+            "clip_frac": ((ratio - 1).abs() > clip_range).float().mean(),
+            "approx_kl": ((ratio - 1) - log_ratio).mean(),  # Schulman's k3 estimator of KL(old‖new)
+        }

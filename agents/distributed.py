@@ -1,0 +1,70 @@
+"""Data-parallel plumbing for `torchrun` (gloo on CPU, NCCL on GPU), and its one-process stand-in.
+
+Rollouts are sharded by rank (each rank generates `images_per_epoch / world_size` images with its own
+seed); statistics that need every sample (DDPO's per-condition buffers, logged means) all-gather;
+LoRA gradients are averaged with `all_reduce` after every backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as td
+
+
+class Dist:
+    """rank / world size and the few collectives the trainer needs (no-ops in one process)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors from every rank, in rank order."""
+        if not self.active:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        td.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def local_slice(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of an all-gathered tensor."""
+        n = len(x) // self.world_size
+        return x[self.rank * n:(self.rank + 1) * n]
+
+    def average_gradients(self, params) -> None:
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is not None:
+                td.all_reduce(p.grad, op=td.ReduceOp.SUM)
+                p.grad /= self.world_size
+
+    def gather_objects(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        td.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            td.barrier()
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the `torchrun` process group when launched by it; otherwise a one-process `Dist`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    if not td.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        td.init_process_group(backend=backend)
+    return Dist(td.get_rank(), td.get_world_size())

@@ -1,0 +1,86 @@
+"""The one rollout format every algorithm trains on, and its collection from `DiffusionSteer-v0`.
+
+A rollout is a `TensorDict` with batch size `[B]` (one row per generated image):
+
+| key | shape | meaning |
+|---|---|---|
+| `latents` | [B, K+1, C, H, W] | the visited states x_T … x_0 (`latents[:, 0]` is the initial noise) |
+| `log_probs` | [B, K] | log π_old(x_{t_{k+1}} | x_{t_k}, c), summed over dims (0 on σ = 0 steps) |
+| `stds` | [B, K] | σ of each transition (0 = deterministic step, carries no policy gradient) |
+| `conditions` | [B] | condition ids |
+| `group_ids` | [B] | sub-envs sharing a condition (and, with `share_noise`, x_T) share a group id |
+| `final_images` | [B, C', H', W'] | decoded x_0 in [0, 1] |
+| `rewards` | [B] | terminal reward from the env |
+
+Algorithms add what they need in their `prepare` step (advantages, old model outputs, …).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+
+from agents.policy import DiffusionPolicy
+
+
+@torch.no_grad()
+def collect_rollout(policy: DiffusionPolicy, env, generator: torch.Generator) -> TensorDict:
+    """Run one synchronous episode of a latent-mode env with `policy` acting; return the rollout.
+
+    `env` must be a `DiffusionSteerVectorEnv` with `action_mode="latent"` built from
+    `policy.env_kwargs()`: the env holds x_t, the condition and the reward; the policy draws x_{t−1}.
+    """
+    if env.cfg.action_mode != "latent":
+        raise ValueError(f"collect_rollout needs an env with action_mode='latent', got {env.cfg.action_mode!r}")
+    obs, _ = env.reset()
+    x, c = obs["latent"], obs["condition"]
+    latents, log_probs, stds = [x], [], []
+    for k in range(policy.num_steps):
+        idx = torch.full((env.num_envs,), k, dtype=torch.long, device=x.device)
+        x, lp, _, std = policy.act(x, idx, c, generator=generator)
+        obs, reward, terminated, _, info = env.step(x)
+        latents.append(x)
+        log_probs.append(lp)
+        stds.append(std)
+    if not terminated.all():
+        raise RuntimeError("the env did not terminate after num_steps steps; does it use the policy's num_steps?")
+    return TensorDict(
+        {
+            "latents": torch.stack(latents, 1),
+            "log_probs": torch.stack(log_probs, 1),
+            "stds": torch.stack(stds, 1),
+            "conditions": c,
+            "group_ids": env._group.clone(),
+            "final_images": info["final_images"],
+            "rewards": reward,
+        },
+        batch_size=[env.num_envs],
+        device=x.device,
+    )
+
+
+def transitions(rollout: TensorDict, stochastic_only: bool = True) -> TensorDict:
+    """Flatten a rollout into its per-step transitions: batch [B·K'] with x_t, x_{t−1}, k, c, ….
+
+    Keys: `latents`, `next_latents`, `step_index`, `conditions`, `log_probs`, `sample_index`, plus every
+    other per-sample key of the rollout broadcast to its steps (e.g. `advantages`). With
+    `stochastic_only`, steps whose σ is 0 are dropped: their log-prob is a constant 0.
+    """
+    b, k = rollout["log_probs"].shape
+    lat = rollout["latents"]
+    per_step = {
+        "latents": lat[:, :-1].reshape(b * k, *lat.shape[2:]),
+        "next_latents": lat[:, 1:].reshape(b * k, *lat.shape[2:]),
+        "step_index": torch.arange(k, device=lat.device).repeat(b),
+        "log_probs": rollout["log_probs"].reshape(-1),
+        "stds": rollout["stds"].reshape(-1),
+        "sample_index": torch.arange(b, device=lat.device).repeat_interleave(k),
+    }
+    skip = {"latents", "log_probs", "stds", "final_images"}
+    for key in rollout.keys():
+        if key not in skip and key not in per_step:
+            per_step[key] = rollout[key].repeat_interleave(k, dim=0)
+    td = TensorDict(per_step, batch_size=[b * k], device=lat.device)
+    if stochastic_only:
+        td = td[td["stds"] > 0]
+    return td

@@ -1,0 +1,271 @@
+"""The trainer every algorithm shares: collect → reward → advantages → update, on a budget of images.
+
+It owns what CleanRL repeats per file: rollout collection from the env, minibatching, the optimizer,
+gradient sync under `torchrun`, CSV logging, image grids, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from agents.algos import ALGORITHMS, make_algorithm_config
+from agents.distributed import init_distributed
+from agents.policy import DiffusionPolicy
+from agents.rollout import collect_rollout
+
+CHECKPOINT = "checkpoint.pt"
+LORA = "lora.safetensors"
+LOG = "log.csv"
+#: config fields that may differ on --resume (the budget can be extended, paths and display change)
+RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images"}
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "grpo"
+    model: str = "digits-eps"
+    reward: Any = "digit_classifier"
+    images: int = 20000
+    """budget: images generated for training (all ranks together)"""
+    out: str = "runs/run"
+    seed: int = 0
+    num_steps: int = 10
+    guidance_scale: float = 1.0
+    """CFG weight while training (1.0: the guidance-free model RL is meant to produce)"""
+    lora_rank: int = 8
+    device: str = "cpu"
+    grid_every: int = 10
+    """save an image grid every N epochs (0: never)"""
+    eval_images: int = 0
+    """images for the before/after evaluation with the deterministic sampler (0: skip)"""
+    progress: bool = True
+    algo_overrides: dict = field(default_factory=dict)
+    """algorithm config fields, e.g. {"lr": 1e-4, "group_size": 4}"""
+
+    def validate(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"unknown algo {self.algo!r}; expected one of {sorted(ALGORITHMS)}")
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1:
+            raise ValueError(f"images (the training budget) must be a positive int, got {self.images!r}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.dist = init_distributed(cfg.device)
+        ckpt_file = self.out / CHECKPOINT
+        if resume and not ckpt_file.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_file}")
+        if not resume and self.out.exists() and any(self.out.iterdir()):
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        checkpoint = self._read_checkpoint(ckpt_file) if resume else None
+
+        self.algo_cfg = make_algorithm_config(cfg.algo, cfg.algo_overrides)
+        per_rank, rem = divmod(self.algo_cfg.images_per_epoch, self.dist.world_size)
+        if rem or per_rank % self.algo_cfg.group_size:
+            raise ValueError(f"images_per_epoch={self.algo_cfg.images_per_epoch} must split into "
+                             f"{self.dist.world_size} rank(s) of whole groups of group_size={self.algo_cfg.group_size}")
+        torch.manual_seed(cfg.seed + 7 * self.dist.rank)
+        self.policy = DiffusionPolicy(cfg.model, num_steps=cfg.num_steps, eta=self.algo_cfg.eta,
+                                      noise_level=self.algo_cfg.noise_level, guidance_scale=cfg.guidance_scale,
+                                      lora_rank=cfg.lora_rank, device=cfg.device)
+        self.algo = ALGORITHMS[cfg.algo](self.policy, self.algo_cfg, self.dist)
+        from diffenv import DiffusionSteerVectorEnv
+
+        self.env = DiffusionSteerVectorEnv(
+            num_envs=per_rank, action_mode="latent", reward=cfg.reward, group_size=self.algo_cfg.group_size,
+            share_noise=self.algo_cfg.share_noise, seed=cfg.seed + 1000 * self.dist.rank,
+            **self.policy.env_kwargs(),
+        )
+        self.params = self.policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.algo_cfg.lr, weight_decay=self.algo_cfg.weight_decay)
+        self.noise_gen = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + 2000 + self.dist.rank)
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 3000 + self.dist.rank)
+        self.epoch, self.images_seen, self.nfe_total, self.wall_time = 0, 0, 0, 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self) -> dict[str, float]:
+        start = time.perf_counter()
+        self.policy.eval()
+        rollout = collect_rollout(self.policy, self.env, self.noise_gen)
+        with torch.no_grad():
+            items = self.algo.prepare(rollout)
+        diag: dict[str, list[float]] = {}
+        for _ in range(self.algo_cfg.inner_epochs):
+            perm = torch.randperm(len(items), generator=self.shuffle_gen).to(items.device)
+            for lo in range(0, len(items), self.algo_cfg.minibatch_size):
+                out = self.algo.loss(items[perm[lo:lo + self.algo_cfg.minibatch_size]])
+                self.optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                self.dist.average_gradients(self.params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.algo_cfg.max_grad_norm)
+                self.optimizer.step()
+                self.algo.after_update()
+                for k, v in {**out, "grad_norm": grad_norm}.items():
+                    diag.setdefault(k, []).append(float(v.detach()))
+        rewards = self.dist.all_gather(rollout["rewards"])
+        n_images = len(rewards)
+        self.epoch += 1
+        self.images_seen += n_images
+        self.nfe_total += n_images * self.cfg.num_steps * self.env.nfe_per_step
+        self.wall_time += time.perf_counter() - start
+        row = {"epoch": self.epoch, "images_seen": self.images_seen, "reward_mean": rewards.mean().item(),
+               "reward_std": rewards.std().item(), "kl_to_base": self.kl_to_base(rollout),
+               "nfe_total": self.nfe_total, "wall_time_s": round(self.wall_time, 3)}
+        row.update({k: sum(v) / len(v) for k, v in diag.items()})
+        self._last_images = rollout["final_images"]
+        return row
+
+    @torch.no_grad()
+    def kl_to_base(self, rollout, n: int = 16) -> float:
+        """Mean over steps of KL(π_θ ‖ π_base) per transition, on the first n samples' visited states."""
+        from agents.algos.grpo import gaussian_kl_equal_std
+
+        lat, c = rollout["latents"][:n], rollout["conditions"][:n]
+        total, count = 0.0, 0
+        for k in range(self.policy.num_steps):
+            idx = torch.full((len(c),), k, dtype=torch.long, device=lat.device)
+            mean, std = self.policy.distribution(lat[:, k], idx, c)
+            if (std == 0).all():
+                continue
+            ref, _ = self.policy.distribution(lat[:, k], idx, c, reference=True)
+            total += gaussian_kl_equal_std(mean, ref, std).mean().item()
+            count += 1
+        return total / max(1, count)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[dict[str, float]]:
+        rows = []
+        bar = tqdm(total=self.cfg.images, initial=min(self.images_seen, self.cfg.images), unit="img",
+                   desc=f"{self.cfg.algo}", disable=not (self.cfg.progress and self.dist.is_main))
+        while self.images_seen < self.cfg.images:
+            row = self.train_epoch()
+            rows.append(row)
+            bar.update(min(row["images_seen"], self.cfg.images) - bar.n)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2f}")
+            self._log(row)
+            if self.cfg.grid_every and self.epoch % self.cfg.grid_every == 0 and self.dist.is_main:
+                from diffenv.viz import save_grid
+
+                save_grid(self._last_images[:64], self.out / "grids" / f"epoch_{self.epoch:05d}.png")
+            self.save_checkpoint()
+        bar.close()
+        return rows
+
+    @torch.no_grad()
+    def evaluate(self, n: int, seed: int = 12345, batch_size: int = 256) -> dict[str, float]:
+        """Mean reward of the current (adapted) model with the policy's own sampler, fixed seeds."""
+        from diffenv.sampling import generate
+
+        result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward,
+                          guidance_scale=self.cfg.guidance_scale,
+                          **{k: v for k, v in self.policy.env_kwargs().items()})
+        return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item()}
+
+    # ------------------------------------------------------------------ persistence
+    def _log(self, row: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        path = self.out / LOG
+        self.out.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            if new:
+                self._fields = list(row)
+            else:
+                self._fields = getattr(self, "_fields", None) or next(csv.reader(path.open()))
+            w = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        return {"torch": torch.get_rng_state(), "noise_gen": self.noise_gen.get_state(),
+                "shuffle_gen": self.shuffle_gen.get_state(), "env_gen": self.env.generator.get_state()}
+
+    def save_checkpoint(self) -> None:
+        rng = self.dist.gather_objects(self._rng_state())
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        from diffenv.models.lora import lora_state_dict
+
+        state = {
+            "format": 1,
+            "train_config": {k: v for k, v in asdict(self.cfg).items()},
+            "algo_config": asdict(self.algo_cfg),
+            "world_size": self.dist.world_size,
+            "epoch": self.epoch, "images_seen": self.images_seen, "nfe_total": self.nfe_total,
+            "wall_time": self.wall_time,
+            "lora": lora_state_dict(self.policy.denoiser),
+            "optimizer": self.optimizer.state_dict(),
+            "algo_state": self.algo.state_dict(),
+            "rng": rng,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)  # atomic: a crash leaves the previous checkpoint intact
+        self.policy.save_lora(self.out / LORA)
+        self.dist.barrier()
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is corrupt or not a DiffusionSteer checkpoint: {e}") from e
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise ValueError(f"checkpoint {path} is not a DiffusionSteer checkpoint (format 1)")
+        saved, now = state["train_config"], asdict(self.cfg)
+        diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]}
+        if diff:
+            raise ValueError(f"checkpoint {path} was written with a different configuration: "
+                             + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(f"checkpoint {path} was written by {state['world_size']} process(es), "
+                             f"resuming with {self.dist.world_size}")
+        return state
+
+    def _restore(self, state: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        device = self.policy.device
+        set_peft_model_state_dict(self.policy.denoiser, {k: v.to(device) for k, v in state["lora"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.algo.load_state_dict(state["algo_state"])
+        rng = state["rng"][self.dist.rank]
+        torch.set_rng_state(rng["torch"])
+        self.noise_gen.set_state(rng["noise_gen"])
+        self.shuffle_gen.set_state(rng["shuffle_gen"])
+        self.env.generator.set_state(rng["env_gen"])
+        self.epoch, self.images_seen = state["epoch"], state["images_seen"]
+        self.nfe_total, self.wall_time = state["nfe_total"], state["wall_time"]
+
+
+def config_field_docs(cls) -> dict[str, str]:
+    """Field → one-line docstring of a config dataclass (for `--help` listings)."""
+    import ast
+    import inspect
+
+    docs, src = {}, ast.parse(inspect.getsource(cls))
+    body = src.body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)
+    return docs
+
+
+__all__ = ["TrainConfig", "Trainer", "config_field_docs"]
