@@ -48,6 +48,12 @@ class Dist:
                 td.all_reduce(p.grad, op=td.ReduceOp.SUM)
                 p.grad /= self.world_size
 
+    def broadcast_(self, params) -> None:
+        """Copy rank 0's values into every rank's tensors (in place)."""
+        if self.active:
+            for p in params:
+                td.broadcast(p.data, src=0)
+
     def gather_objects(self, obj) -> list:
         if not self.active:
             return [obj]

@@ -76,7 +76,7 @@ class Trainer:
         if rem or per_rank % self.algo_cfg.group_size:
             raise ValueError(f"images_per_epoch={self.algo_cfg.images_per_epoch} must split into "
                              f"{self.dist.world_size} rank(s) of whole groups of group_size={self.algo_cfg.group_size}")
-        torch.manual_seed(cfg.seed + 7 * self.dist.rank)
+        torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast below, as DDP does)
         self.policy = DiffusionPolicy(cfg.model, num_steps=cfg.num_steps, eta=self.algo_cfg.eta,
                                       noise_level=self.algo_cfg.noise_level, guidance_scale=cfg.guidance_scale,
                                       lora_rank=cfg.lora_rank, device=cfg.device)
@@ -89,6 +89,8 @@ class Trainer:
             **self.policy.env_kwargs(),
         )
         self.params = self.policy.trainable_parameters()
+        self.dist.broadcast_(self.params)
+        torch.manual_seed(cfg.seed + 7 * self.dist.rank)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.algo_cfg.lr, weight_decay=self.algo_cfg.weight_decay)
         self.noise_gen = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + 2000 + self.dist.rank)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 3000 + self.dist.rank)

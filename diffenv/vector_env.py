@@ -98,6 +98,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self._group = torch.arange(n, device=dev) // cfg.group_size  # [N] group id of each sub-env
 
     # ------------------------------------------------------------------ reset
+    @torch.no_grad()  # the env is a simulator: policies compute their own gradients
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -174,6 +175,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
             self._last_dense = torch.where(mask, r, self._last_dense)
 
     # ------------------------------------------------------------------ step
+    @torch.no_grad()
     def step(self, actions):
         if not self._started:
             raise RuntimeError("step() called before reset(); call env.reset() first")
