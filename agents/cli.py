@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+import time
+from pathlib import Path
 
 from diffenv import cli as env_cli
 
@@ -26,7 +28,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(algo=a.algo, model=a.model, reward=a.reward, images=a.images, out=a.out, seed=a.seed,
                       num_steps=a.num_steps, guidance_scale=a.guidance_scale, lora_rank=a.lora_rank,
                       device=a.device, grid_every=a.grid_every, eval_images=a.eval_images,
-                      progress=not a.no_progress, algo_overrides=dict(a.set))
+                      progress=not a.no_progress, probe_every=a.probe_every, algo_overrides=dict(a.set))
     trainer = Trainer(cfg, resume=a.resume)
     before = trainer.evaluate(a.eval_images) if a.eval_images and not a.resume else None
     rows = trainer.train()
@@ -44,6 +46,18 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"eval reward ({a.eval_images} images, guidance {a.guidance_scale}, seed 12345): "
               f"{b}{after['reward_mean']:.4f}")
     print(f"wrote {trainer.out}/lora.safetensors, checkpoint.pt, log.csv")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from agents.compare import Comparison, load_tasks
+
+    tasks = load_tasks(a.config, quick=a.quick)
+    start = time.perf_counter()
+    Comparison(tasks, a.out, progress=not a.no_progress).run()
+    print((Path(a.out) / "results.md").read_text())
+    print(f"wrote {a.out}/results.csv, results.md, reward_vs_images.png, frontier.png, grids_*.png "
+          f"in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -68,8 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-images", type=int, default=0, help="evaluate reward before/after on N images")
     t.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm option, e.g. --set lr=1e-4 --set group_size=4 (repeatable)")
+    t.add_argument("--probe-every", type=int, default=0,
+                   help="score a fixed probe set (reward, judge, FD) every N epochs: over-optimisation monitor")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("compare", help="the RL-vs-CFG benchmark, from a TOML config (resumable)")
+    c.add_argument("--config", default="examples/compare.toml")
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--quick", action="store_true", help="tiny budgets and eval sets (CI smoke run, < 5 min)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -25,7 +25,7 @@ CHECKPOINT = "checkpoint.pt"
 LORA = "lora.safetensors"
 LOG = "log.csv"
 #: config fields that may differ on --resume (the budget can be extended, paths and display change)
-RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images"}
+RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images", "probe_every", "probe_images"}
 
 
 @dataclass
@@ -47,6 +47,10 @@ class TrainConfig:
     eval_images: int = 0
     """images for the before/after evaluation with the deterministic sampler (0: skip)"""
     progress: bool = True
+    probe_every: int = 0
+    """over-optimisation monitor: every N epochs (and at epoch 1) score a fixed probe set (0: off)"""
+    probe_images: int = 200
+    """probe set size: fixed seed and balanced conditions, the training guidance scale"""
     algo_overrides: dict = field(default_factory=dict)
     """algorithm config fields, e.g. {"lr": 1e-4, "group_size": 4}"""
 
@@ -155,6 +159,8 @@ class Trainer:
                    desc=f"{self.cfg.algo}", disable=not (self.cfg.progress and self.dist.is_main))
         while self.images_seen < self.cfg.images:
             row = self.train_epoch()
+            if self.cfg.probe_every and (self.epoch == 1 or self.epoch % self.cfg.probe_every == 0):
+                row.update(self.probe())
             rows.append(row)
             bar.update(min(row["images_seen"], self.cfg.images) - bar.n)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2f}")
@@ -168,14 +174,24 @@ class Trainer:
         return rows
 
     @torch.no_grad()
-    def evaluate(self, n: int, seed: int = 12345, batch_size: int = 256) -> dict[str, float]:
+    def evaluate(self, n: int, seed: int = 12345, batch_size: int = 256):
         """Mean reward of the current (adapted) model with the policy's own sampler, fixed seeds."""
         from diffenv.sampling import generate
 
         result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward,
-                          guidance_scale=self.cfg.guidance_scale,
-                          **{k: v for k, v in self.policy.env_kwargs().items()})
-        return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item()}
+                          guidance_scale=self.cfg.guidance_scale, **self.policy.env_kwargs())
+        return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item(),
+                "result": result}
+
+    def probe(self) -> dict[str, float]:
+        """Reward, and for digits models the held-out judge and diversity, on the fixed probe set."""
+        result = self.evaluate(self.cfg.probe_images, seed=999)["result"]
+        row = {"probe_reward": result.rewards.mean().item()}
+        if tuple(self.policy.backend.latent_shape) == (1, 8, 8) and self.policy.backend.n_conditions == 10:
+            from agents.evaluation import image_metrics
+
+            row.update({f"probe_{k}": v for k, v in image_metrics(result.images, result.conditions).items()})
+        return row
 
     # ------------------------------------------------------------------ persistence
     def _log(self, row: dict[str, float]) -> None:

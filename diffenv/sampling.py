@@ -58,11 +58,12 @@ def balanced_conditions(n: int, condition_ids: list[int]) -> torch.Tensor:
 
 
 def generate(n: int, *, batch_size: int = 250, seed: int = 0, conditions: torch.Tensor | None = None,
-             progress: bool = False, env=None, **env_kwargs: Any) -> GenerationResult:
+             progress: bool = False, env=None, warmup: bool = False, **env_kwargs: Any) -> GenerationResult:
     """Generate `n` images with the base sampler (noise mode, ε ~ N(0, I)) and score them.
 
     Batch j uses seed `seed + j`, so a run is reproducible for a fixed `batch_size`.
     `env_kwargs` go to `DiffusionSteerVectorEnv` (model, reward, num_steps, guidance_scale, ...).
+    `warmup=True` runs one untimed episode first, so `wall_time_s` excludes first-call costs.
     """
     from diffenv.vector_env import DiffusionSteerVectorEnv
 
@@ -83,6 +84,8 @@ def generate(n: int, *, batch_size: int = 250, seed: int = 0, conditions: torch.
         raise ValueError(f"conditions must have shape ({n},), got {tuple(conditions.shape)}")
     out: dict[str, list[torch.Tensor]] = {"images": [], "rewards": [], "nfe": []}
     comps: dict[str, list[torch.Tensor]] = {}
+    if warmup:
+        run_episode(env, None, seed=seed)
     start = time.perf_counter()
     chunks = range(0, n, batch)
     for j, lo in enumerate(tqdm(chunks, desc="sampling", disable=not progress, unit="batch")):

@@ -1,0 +1,225 @@
+"""`diffenv compare`: the RL-vs-CFG benchmark (DESIGN §6), configured by a TOML file, resumable.
+
+For each task (model × reward × steps) it evaluates, with one protocol, the same eval seeds and
+balanced conditions (`agents.evaluation`):
+- baselines on the base model: a CFG sweep over guidance scales and best-of-N (N candidates at
+  guidance 1, the best by the reward: N·K NFE, NFE-matched to CFG at N = 2);
+- each diffusion-RL algorithm, trained for each budget of *images generated* × seeds (snapshots
+  along one run per seed), sampled guidance-free (1 NFE per step);
+and writes `results.csv`, `results.md`, `reward_vs_images.png`, `frontier.png`, `grids_<task>.png`.
+Every finished entry is cached under `cache/` and every run checkpoints, so an interrupted comparison
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from agents.algos import ALGORITHMS
+from agents.compare_report import read_log, write_outputs
+
+QUICK = dict(eval_images=100, budgets=[32], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)
+
+
+@dataclass
+class Task:
+    name: str
+    model: str = "digits-eps"
+    reward: str = "digit_classifier"
+    num_steps: int = 10
+    sampler: str | None = None
+    """evaluation sampler for every entry (None: the model's default)"""
+    cfg_scales: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    best_of_n: list[int] = field(default_factory=lambda: [2, 4])
+    algos: list[str] = field(default_factory=lambda: sorted(ALGORITHMS))
+    budgets: list[int] = field(default_factory=lambda: [5000, 20000, 50000])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    eval_images: int = 1000
+    eval_seed: int = 0
+    probe_every: int = 5
+    probe_images: int = 200
+    algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        bad = [a for a in self.algos if a not in ALGORITHMS]
+        if bad:
+            raise ValueError(f"task {self.name!r}: unknown algos {bad}; expected some of {sorted(ALGORITHMS)}")
+        if any(b < 1 for b in self.budgets) or any(n < 2 for n in self.best_of_n):
+            raise ValueError(f"task {self.name!r}: budgets must be >= 1 and best_of_n >= 2")
+        if any(w < 0 for w in self.cfg_scales):
+            raise ValueError(f"task {self.name!r}: guidance scales must be >= 0, got {self.cfg_scales}")
+
+
+def load_tasks(path: str | Path, quick: bool = False) -> list[Task]:
+    """Tasks from a TOML file: top-level keys are defaults, each `[[task]]` table a task."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"comparison config {path} does not exist")
+    data = tomllib.loads(path.read_text())
+    known = {f.name for f in fields(Task)}
+    defaults = {k: v for k, v in data.items() if k != "task"}
+    tasks = []
+    for raw in data.get("task", []):
+        spec = {**defaults, **raw}
+        bad = sorted(set(spec) - known)
+        if bad:
+            raise ValueError(f"{path}: unknown task keys {bad}; expected some of {sorted(known)}")
+        if quick:
+            spec.update(QUICK)
+        task = Task(**spec)
+        task.validate()
+        tasks.append(task)
+    if not tasks:
+        raise ValueError(f"{path} defines no [[task]] tables")
+    return tasks
+
+
+# ---------------------------------------------------------------------- evaluation of one entry
+def _metrics(result, task: Task) -> dict[str, float]:
+    from agents.evaluation import image_metrics
+
+    row = {"reward_mean": result.rewards.mean().item(), "nfe_per_image": result.nfe_per_image,
+           "ms_per_image": 1e3 * result.seconds_per_image}
+    if task.model.startswith("digits"):
+        row.update(image_metrics(result.images, result.conditions))
+    return row
+
+
+def eval_model(task: Task, model, guidance_scale: float = 1.0):
+    from diffenv.sampling import generate
+
+    return generate(task.eval_images, seed=task.eval_seed, model=model, reward=task.reward, warmup=True,
+                    num_steps=task.num_steps, sampler=task.sampler, guidance_scale=guidance_scale)
+
+
+def eval_best_of_n(task: Task, n_candidates: int):
+    """N candidates per image at guidance 1 (distinct seeds, same condition); keep the best by reward."""
+    from diffenv.sampling import GenerationResult, balanced_conditions, generate
+
+    from diffenv import DiffusionSteerVectorEnv
+
+    env = DiffusionSteerVectorEnv(num_envs=min(250, task.eval_images), model=task.model, reward=task.reward,
+                                  num_steps=task.num_steps, sampler=task.sampler)
+    cond = balanced_conditions(task.eval_images, env.condition_set.tolist())  # as every other entry
+    generate(min(250, task.eval_images), env=env, seed=task.eval_seed)  # warm-up, untimed
+    start = time.perf_counter()
+    runs = [generate(task.eval_images, env=env, seed=task.eval_seed + 10_000 * (j + 1), conditions=cond)
+            for j in range(n_candidates)]
+    rewards = torch.stack([r.rewards for r in runs])  # [N, n]
+    best = rewards.argmax(0)
+    images = torch.stack([r.images for r in runs])[best, torch.arange(task.eval_images)]
+    return GenerationResult(images=images, conditions=cond, rewards=rewards.max(0).values,
+                            nfe_per_image=sum(r.nfe_per_image for r in runs),
+                            wall_time_s=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------- the runner
+class Comparison:
+    def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True):
+        self.tasks, self.out, self.progress = tasks, Path(out), progress
+        (self.out / "cache").mkdir(parents=True, exist_ok=True)
+
+    def _cached(self, key: str, compute) -> dict:
+        path = self.out / "cache" / (key.replace("/", "__") + ".json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        row = compute()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row))
+        tmp.replace(path)
+        return row
+
+    def baseline_rows(self, task: Task) -> list[dict]:
+        rows = []
+        for w in task.cfg_scales:
+            row = self._cached(f"{task.name}/cfg_{w:g}", lambda: _metrics(eval_model(task, task.model, w), task))
+            rows.append({"task": task.name, "entry": f"cfg w={w:g}", "kind": "cfg", "guidance_scale": w, **row})
+        for n in task.best_of_n:
+            row = self._cached(f"{task.name}/bon_{n}", lambda: _metrics(eval_best_of_n(task, n), task))
+            rows.append({"task": task.name, "entry": f"best-of-{n}", "kind": "best_of_n", "guidance_scale": 1.0,
+                         "best_of_n": n, **row})
+        return rows
+
+    def run_dir(self, task: Task, algo: str, seed: int) -> Path:
+        return self.out / "runs" / task.name / algo / f"seed{seed}"
+
+    def train(self, task: Task, algo: str, seed: int) -> None:
+        """Train one run through every budget, keeping a LoRA snapshot at each (resumable)."""
+        from agents.trainer import CHECKPOINT, LORA, TrainConfig, Trainer
+
+        run = self.run_dir(task, algo, seed)
+        for budget in sorted(task.budgets):
+            snap = run / f"lora_{budget}.safetensors"
+            if snap.is_file():
+                continue
+            cfg = TrainConfig(algo=algo, model=task.model, reward=task.reward, images=budget, out=str(run),
+                              seed=seed, num_steps=task.num_steps, grid_every=0, progress=False,
+                              probe_every=task.probe_every, probe_images=task.probe_images,
+                              algo_overrides=dict(task.algo_overrides.get(algo, {})))
+            Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
+            shutil.copyfile(run / LORA, snap)
+
+    def rl_rows(self, task: Task) -> list[dict]:
+        from diffenv.models import load_backend
+        from diffenv.models.lora import load_lora
+
+        rows = []
+        for algo in task.algos:
+            for seed in task.seeds:
+                self.train(task, algo, seed)
+                run = self.run_dir(task, algo, seed)
+                flag = overoptimisation_flag(run / "log.csv")
+                train_log = read_log(run / "log.csv")
+                for budget in sorted(task.budgets):
+                    def compute():
+                        backend = load_backend(task.model)
+                        load_lora(backend.denoiser, run / f"lora_{budget}.safetensors")
+                        return _metrics(eval_model(task, backend, 1.0), task)
+
+                    row = self._cached(f"{task.name}/{algo}/s{seed}/b{budget}", compute)
+                    seen = [r for r in train_log if float(r["images_seen"]) <= budget]
+                    rows.append({"task": task.name, "entry": f"{algo} @{budget}", "kind": "rl", "algo": algo,
+                                 "guidance_scale": 1.0, "budget": budget, "seed": seed,
+                                 "train_wall_s": float(seen[-1]["wall_time_s"]) if seen else math.nan,
+                                 "overoptimisation": flag, **row})
+        return rows
+
+    def run(self) -> list[dict]:
+        rows = []
+        for task in tqdm(self.tasks, desc="tasks", disable=not self.progress):
+            rows += self.baseline_rows(task)
+            rows += self.rl_rows(task)
+        write_outputs(rows, self.tasks, self.out)
+        return rows
+
+
+# ---------------------------------------------------------------------- logs and flags
+def overoptimisation_flag(log_path: Path, judge_drop: float = 0.05, fd_rise: float = 0.25) -> str:
+    """'' or a reason: the probe reward rose while the judge log-prob fell or the FD rose markedly."""
+    probes = [r for r in read_log(log_path) if r.get("probe_reward")]
+    if len(probes) < 2:
+        return ""
+    first, last = probes[0], probes[-1]
+    if float(last["probe_reward"]) <= float(first["probe_reward"]):
+        return ""
+    reasons = []
+    if "probe_judge_log_prob" in last and \
+            float(last["probe_judge_log_prob"]) < float(first["probe_judge_log_prob"]) - judge_drop:
+        reasons.append(f"judge log-prob {float(first['probe_judge_log_prob']):.3f}->{float(last['probe_judge_log_prob']):.3f}")
+    if "probe_fd" in last and float(last["probe_fd"]) > (1 + fd_rise) * float(first["probe_fd"]):
+        reasons.append(f"FD {float(first['probe_fd']):.2f}->{float(last['probe_fd']):.2f}")
+    return "; ".join(reasons)
+

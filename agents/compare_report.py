@@ -1,0 +1,203 @@
+"""The report half of `diffenv compare`: results.csv, results.md and the plots."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ["reward_mean", "judge_accuracy", "judge_log_prob", "fd", "class_variance", "nfe_per_image",
+           "ms_per_image"]
+COLUMNS = ["task", "entry", "kind", "algo", "guidance_scale", "best_of_n", "budget", "seed", *METRICS,
+           "train_wall_s", "overoptimisation"]
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    if not Path(path).is_file():
+        return []
+    with Path(path).open() as f:
+        return list(csv.DictReader(f))
+
+
+def _num(row: dict, key: str) -> float:
+    v = row.get(key, "")
+    return float(v) if v not in ("", None) else math.nan
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of every metric, one row per (task, entry)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["entry"])].append(r)
+    out = []
+    for (task, entry), rs in groups.items():
+        agg = {"task": task, "entry": entry, "kind": rs[0]["kind"], "algo": rs[0].get("algo", ""),
+               "budget": rs[0].get("budget", ""), "guidance_scale": rs[0].get("guidance_scale", 1.0),
+               "seeds": len(rs),
+               "overoptimisation": "; ".join(sorted({r.get("overoptimisation", "") for r in rs} - {""}))}
+        for m in METRICS:
+            vals = np.array([_num(r, m) for r in rs], dtype=float)
+            agg[m], agg[m + "_std"] = float(np.mean(vals)), float(np.std(vals))
+        out.append(agg)
+    return out
+
+
+def _fmt(row: dict, m: str) -> str:
+    mean, std = row[m], row[m + "_std"]
+    if math.isnan(mean):
+        return "–"
+    digits = 2 if m in ("fd", "ms_per_image", "nfe_per_image") else 3
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
+
+
+def headline(agg: list[dict], task: str, runs_dir: Path) -> list[str]:
+    """Best CFG vs best RL model, and images each algorithm needed to reach CFG's judge accuracy."""
+    cfg = [r for r in agg if r["task"] == task and r["kind"] == "cfg"]
+    rl = [r for r in agg if r["task"] == task and r["kind"] == "rl"]
+    if not cfg or not rl or math.isnan(cfg[0]["judge_accuracy"]):
+        return []
+    best_cfg = max(cfg, key=lambda r: (r["judge_accuracy"], r["judge_log_prob"]))
+    best_rl = max(rl, key=lambda r: (r["judge_accuracy"], r["judge_log_prob"]))
+    lines = [
+        f"- best CFG: `{best_cfg['entry']}` judge acc {best_cfg['judge_accuracy']:.3f}, FD {best_cfg['fd']:.2f}, "
+        f"{best_cfg['ms_per_image']:.2f} ms/image, {best_cfg['nfe_per_image']:g} NFE",
+        f"- best RL (guidance 1): `{best_rl['entry']}` judge acc {best_rl['judge_accuracy']:.3f}, "
+        f"FD {best_rl['fd']:.2f}, {best_rl['ms_per_image']:.2f} ms/image "
+        f"({best_rl['ms_per_image'] / best_cfg['ms_per_image']:.2f}× CFG's), {best_rl['nfe_per_image']:g} NFE",
+    ]
+    target = best_cfg["judge_accuracy"]
+    for algo in sorted({r["algo"] for r in rl}):
+        reached = []
+        for seed_dir in sorted((runs_dir / task / algo).glob("seed*")):
+            hits = [_num(r, "images_seen") for r in read_log(seed_dir / "log.csv")
+                    if _num(r, "probe_judge_accuracy") >= target]
+            reached.append(hits[0] if hits else math.nan)
+        done = [x for x in reached if not math.isnan(x)]
+        lines.append(f"- {algo}: images to reach CFG's judge accuracy {target:.3f} on the probe set: "
+                     + (f"{np.mean(done):.0f} ({len(done)}/{len(reached)} seeds)" if done else "not reached"))
+    return lines
+
+
+def write_outputs(rows: list[dict], tasks, out: Path) -> None:
+    out = Path(out)
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    agg = aggregate(rows)
+    lines = ["# RL vs CFG", ""]
+    for task in tasks:
+        lines += [f"## {task.name}", "",
+                  f"model `{task.model}`, reward `{task.reward}`, {task.num_steps} steps, "
+                  f"{task.eval_images} eval images (seed {task.eval_seed}), training seeds {task.seeds}", ""]
+        lines += headline(agg, task.name, out / "runs") + [""]
+        lines += ["| entry | seeds | reward | judge acc | judge log p | FD ↓ | class var | NFE | ms/img | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in agg if r["task"] == task.name):
+            lines.append(f"| {r['entry']} | {r['seeds']} | " + " | ".join(_fmt(r, m) for m in METRICS)
+                         + f" | {r['overoptimisation'] or ''} |")
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    plot_training_curves(tasks, out)
+    plot_frontier(agg, tasks, out)
+    plot_grids(tasks, out)
+
+
+def plot_training_curves(tasks, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for algo in task.algos:
+            curves = [read_log(d / "log.csv") for d in sorted((out / "runs" / task.name / algo).glob("seed*"))]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            x = np.array([_num(r, "images_seen") for r in curves[0][:n]])
+            y = np.array([[_num(r, "reward_mean") for r in c[:n]] for c in curves])
+            ax.plot(x, y.mean(0), label=algo)
+            ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
+        ax.set(title=task.name, xlabel="images generated", ylabel="training reward (mean, min–max over seeds)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reward_vs_images.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    for col, task in enumerate(tasks):
+        rows = [r for r in agg if r["task"] == task.name]
+        cfg = sorted((r for r in rows if r["kind"] == "cfg"), key=lambda r: r["guidance_scale"])
+        for ax, (xm, ym, xl, yl) in zip(axes[:, col], [("nfe_per_image", "judge_accuracy", "NFE per image",
+                                                        "judge accuracy"),
+                                                       ("fd", "judge_log_prob", "FD to real digits (lower is better)",
+                                                        "judge log p(c|x)")]):
+            ax.plot([r[xm] for r in cfg], [r[ym] for r in cfg], "k-o", label="CFG (w sweep)")
+            for r in cfg:
+                ax.annotate(r["entry"].split("=")[-1], (r[xm], r[ym]), fontsize=7)
+            for r in (r for r in rows if r["kind"] == "best_of_n"):
+                ax.plot(r[xm], r[ym], "s", label=r["entry"])
+            for algo in task.algos:
+                pts = sorted((r for r in rows if r["algo"] == algo), key=lambda r: r["budget"])
+                ax.plot([r[xm] for r in pts], [r[ym] for r in pts], "-^", label=f"{algo} (budgets)")
+            ax.set(title=task.name, xlabel=xl, ylabel=yl)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_grids(tasks, out: Path) -> None:
+    """CFG at its best guidance vs each RL model at guidance 1 (largest budget, first seed), 2 per class."""
+    from agents.compare import eval_model
+    from diffenv.models import load_backend
+    from diffenv.models.lora import load_lora
+    from diffenv.viz import image_grid
+
+    for task in tasks:
+        if not task.model.startswith("digits"):
+            continue
+        small = type(task)(**{**task.__dict__, "eval_images": 20})
+        best_w = max(task.cfg_scales, key=lambda w: _best_key(out, task, w))
+        panels = [("cfg w=%g" % best_w, eval_model(small, task.model, best_w).images)]
+        for algo in task.algos:
+            snap = out / "runs" / task.name / algo / f"seed{task.seeds[0]}" / f"lora_{max(task.budgets)}.safetensors"
+            if snap.is_file():
+                backend = load_backend(task.model)
+                load_lora(backend.denoiser, snap)
+                panels.append((algo, eval_model(small, backend, 1.0).images))
+        strips = [image_grid(imgs, nrow=20, scale=4) for _, imgs in panels]
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(strips), 1, figsize=(10, 0.8 * len(strips) + 0.5), squeeze=False)
+        for ax, (name, _), strip in zip(axes[:, 0], panels, strips):
+            ax.imshow(strip)
+            ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+        fig.tight_layout()
+        fig.savefig(out / f"grids_{task.name}.png", dpi=110)
+        plt.close(fig)
+
+
+def _best_key(out: Path, task, w: float) -> tuple:
+    import json
+
+    path = out / "cache" / f"{task.name}__cfg_{w:g}.json"
+    row = json.loads(path.read_text()) if path.is_file() else {}
+    return row.get("judge_accuracy", -1.0), row.get("judge_log_prob", -1e9)

@@ -1,0 +1,74 @@
+"""One evaluation protocol for every model in a comparison (DESIGN §6).
+
+For a set of generated images with their conditions:
+- `reward_mean`: the training reward;
+- `judge_accuracy`, `judge_log_prob`: a held-out judge (`digit_judge`, an MLP — not the CNN reward),
+  its argmax accuracy and calibrated mean log p(c | x);
+- `fd`: Fréchet distance (Heusel et al. 2017, eq. 6) to real digits in a fixed feature space — the
+  judge's penultimate activations (96-d) — against all 1,797 scikit-learn digits;
+- `class_variance`: mean over classes of the per-pixel variance within the class (diversity);
+- `nfe_per_image`, `seconds_per_image` from the sampler.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+import rewards
+
+
+@lru_cache(maxsize=1)
+def _judge():
+    return rewards.make("digit_judge", mode="log_prob")
+
+
+def judge_features(images: torch.Tensor) -> torch.Tensor:
+    """[B, 96] penultimate activations of the judge MLP for images in [0, 1]."""
+    net = _judge().network.net
+    with torch.no_grad():
+        return net[:-1](images.float().cpu() * 2.0 - 1.0).double()
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mu = features.mean(0)
+    centred = features - mu
+    return mu, centred.T @ centred / (len(features) - 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2}), via the symmetric form √Σ1 Σ2 √Σ1."""
+    evals, evecs = torch.linalg.eigh(sigma1)
+    sqrt1 = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * cross)
+
+
+@lru_cache(maxsize=1)
+def reference_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    from diffenv.data import load_digits_split, to_unit
+
+    images, _ = load_digits_split("all")
+    return gaussian_stats(judge_features(to_unit(images)))
+
+
+def class_variance(images: torch.Tensor, conditions: torch.Tensor) -> float:
+    flat = images.flatten(1).double().cpu()
+    conditions = conditions.cpu()
+    per_class = [flat[conditions == c].var(0, unbiased=True).mean() for c in conditions.unique() if
+                 (conditions == c).sum() > 1]
+    return float(torch.stack(per_class).mean())
+
+
+def image_metrics(images: torch.Tensor, conditions: torch.Tensor) -> dict[str, float]:
+    """Judge accuracy / log-prob, FD and within-class variance of images [N, 1, 8, 8] in [0, 1]."""
+    judge = _judge()
+    images, conditions = images.float().cpu(), conditions.long().cpu()
+    with torch.no_grad():
+        log_p = judge(images, conditions)
+        acc = (judge.logits(images).argmax(1) == conditions).float().mean()
+    mu, sigma = gaussian_stats(judge_features(images))
+    return {"judge_accuracy": float(acc), "judge_log_prob": float(log_p.mean()),
+            "fd": frechet_distance(mu, sigma, *reference_stats()),
+            "class_variance": class_variance(images, conditions)}

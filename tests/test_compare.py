@@ -1,0 +1,88 @@
+"""`diffenv compare --quick`: every output file and column appears; metrics behave."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.compare import load_tasks, overoptimisation_flag
+from agents.evaluation import frechet_distance, gaussian_stats, image_metrics
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_quick_comparison_writes_every_output(tmp_path):
+    from agents.cli import main
+
+    assert main(["compare", "--config", str(ROOT / "examples" / "compare.toml"), "--out", str(tmp_path),
+                 "--quick", "--no-progress"]) == 0
+    for name in ("results.csv", "results.md", "reward_vs_images.png", "frontier.png",
+                 "grids_eps-classifier-10.png", "grids_flow-classifier-3.png"):
+        assert (tmp_path / name).is_file(), name
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"cfg", "best_of_n", "rl"}
+    for col in ("reward_mean", "judge_accuracy", "judge_log_prob", "fd", "class_variance", "nfe_per_image",
+                "ms_per_image"):
+        assert all(r[col] != "" for r in rows), col
+    nfe = {r["entry"]: float(r["nfe_per_image"]) for r in rows if r["task"] == "eps-classifier-10"}
+    assert nfe["cfg w=1"] == 10 and nfe["cfg w=3"] == 20 and nfe["best-of-2"] == 20
+    log = list(csv.DictReader((tmp_path / "runs" / "flow-classifier-3" / "grpo" / "seed0" / "log.csv").open()))
+    assert "probe_judge_accuracy" in log[0] and "probe_fd" in log[0]
+    md = (tmp_path / "results.md").read_text()
+    assert "best CFG" in md and "images to reach CFG's judge accuracy" in md
+    # resumable: a second run reuses the cache and the snapshots
+    before = (tmp_path / "results.csv").read_text()
+    assert main(["compare", "--config", str(ROOT / "examples" / "compare.toml"), "--out", str(tmp_path),
+                 "--quick", "--no-progress"]) == 0
+    assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_frechet_distance_maths():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    mu, sigma = gaussian_stats(a)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
+    # shifted mean: FD = |d|^2; scaled covariance N(0, s^2 I) vs N(0, I): d (s - 1)^2
+    assert frechet_distance(mu + 2.0, sigma, mu, sigma) == pytest.approx(12.0, rel=1e-9)
+    eye = torch.eye(3, dtype=torch.float64)
+    assert frechet_distance(torch.zeros(3), 4 * eye, torch.zeros(3), eye) == pytest.approx(3.0)
+
+
+def test_image_metrics_on_real_digits_and_noise():
+    from diffenv.data import load_digits_split, to_unit
+
+    x, y = load_digits_split("test")
+    real = image_metrics(to_unit(x), y)
+    noise = image_metrics(torch.rand(360, 1, 8, 8, generator=torch.Generator().manual_seed(0)), y)
+    assert real["judge_accuracy"] > 0.97 and noise["judge_accuracy"] < 0.3
+    assert real["fd"] < noise["fd"] / 10
+
+
+def test_overoptimisation_flag(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,images_seen,probe_reward,probe_judge_log_prob,probe_fd\n"
+                   "1,64,0.80,-0.20,10.0\n2,128,,,\n3,192,0.95,-0.40,11.0\n")
+    assert "judge log-prob -0.200->-0.400" in overoptimisation_flag(log)
+    log.write_text("epoch,images_seen,probe_reward,probe_judge_log_prob,probe_fd\n1,64,0.80,-0.20,10.0\n"
+                   "3,192,0.95,-0.18,10.5\n")
+    assert overoptimisation_flag(log) == ""
+
+
+def test_bad_compare_configs(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[task]]\nname = "t"\nalgos = ["ddpo", "ppo9"]\n')
+    with pytest.raises(ValueError, match=r"unknown algos \['ppo9'\]"):
+        load_tasks(cfg)
+    cfg.write_text('[[task]]\nname = "t"\nlearning_rate = 1\n')
+    with pytest.raises(ValueError, match=r"unknown task keys \['learning_rate'\]"):
+        load_tasks(cfg)
+    cfg.write_text('eval_images = 5\n')
+    with pytest.raises(ValueError, match="no \\[\\[task\\]\\]"):
+        load_tasks(cfg)
+    with pytest.raises(FileNotFoundError):
+        load_tasks(tmp_path / "missing.toml")
