@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", default=None, help="LoRA adapter (safetensors) to sample the tuned model")
     s.add_argument("--judge", default=None, help="also report accuracy by this classifier (e.g. digit_judge)")
     s.set_defaults(func=cmd_sample)
+    from diffenv import ab
+
+    ab.add_parser(sub)
     return parser
 
 

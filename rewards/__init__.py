@@ -7,6 +7,8 @@ A reward maps `images [B, C, H, W] in [0, 1]` and `conditions [B]` to a float32 
     judge = rewards.make("digit_judge", mode="log_prob")            # held-out evaluation only
     mixed = rewards.make("weighted_sum", weights={"digit_classifier": 1.0, "jpeg_compressibility": 0.1})
     custom = rewards.as_reward(lambda images, conditions: images.mean(dim=(1, 2, 3)))
+    clip = rewards.make("clip_score", path="openai/clip-vit-base-patch32", prompts="prompts.txt")
+    rated = rewards.make("ratings", path="runs/ratings_demo/ratings_head.safetensors")
 
 Importing this package registers the built-in rewards; it does not import `diffenv`.
 """
@@ -15,7 +17,7 @@ from rewards.base import CallableReward, Reward
 from rewards.registry import as_reward, make, names, register
 
 # imported for their @register side effects, after the registry exists
-from rewards import classifier, jpeg  # noqa: E402,F401  isort:skip
+from rewards import classifier, clip, jpeg, ratings  # noqa: E402,F401  isort:skip
 from rewards.combine import WeightedSum  # noqa: E402  isort:skip
 
 __all__ = ["Reward", "CallableReward", "WeightedSum", "make", "register", "names", "as_reward"]

@@ -11,19 +11,39 @@ from diffenv.models.embedded import EMBEDDED_MODELS, EmbeddedDigitsBackend
 
 __all__ = ["DiffusionBackend", "EmbeddedDigitsBackend", "load_backend", "model_names", "nfe_per_step"]
 
+#: spec prefixes of the diffusers text-to-image backends (`diffenv.models.diffusers_backend`)
+DIFFUSERS_PREFIXES = ("sd:", "sdxl:", "sd3:", "flux:")
+
 
 def model_names() -> list[str]:
-    """Names `load_backend` accepts."""
-    return list(EMBEDDED_MODELS)
+    """Names `load_backend` accepts: the embedded models, and `<prefix>PATH` specs for diffusers pipelines."""
+    return [*EMBEDDED_MODELS, *(f"{p}PATH" for p in DIFFUSERS_PREFIXES)]
 
 
-def load_backend(model: str | DiffusionBackend, device: str | torch.device = "cpu") -> DiffusionBackend:
-    """Build a backend from a registered name, or pass a `DiffusionBackend` instance through."""
+def load_backend(model: str | DiffusionBackend, device: str | torch.device = "cpu", **backend_kwargs) -> DiffusionBackend:
+    """Build a backend from a registered name or spec, or pass a `DiffusionBackend` instance through.
+
+    | model | backend | `backend_kwargs` |
+    |---|---|---|
+    | `"digits-eps"`, `"digits-flow"` | `EmbeddedDigitsBackend` | none |
+    | `"sd:PATH"`, `"sdxl:PATH"`, `"sd3:PATH"`, `"flux:PATH"` (PATH: local folder or hub id) | `DiffusersBackend` | `prompts=` (required), `torch_dtype=`, `negative_prompt=`, `height=`, `width=`, ... |
+
+    A spec may carry options after `?`, e.g. `"sd:/models/sd15?prompts=prompts.txt&torch_dtype=fp16"`.
+    """
     if isinstance(model, DiffusionBackend):
+        if backend_kwargs:
+            raise ValueError(f"backend kwargs {sorted(backend_kwargs)} apply when building a backend by name, "
+                             f"not to the {type(model).__name__} instance passed in")
         return model
     if not isinstance(model, str):
         raise TypeError(f"model must be a model name or a DiffusionBackend, got {type(model).__name__}")
+    if model.startswith(DIFFUSERS_PREFIXES):
+        from diffenv.models.diffusers_backend import DiffusersBackend
+
+        return DiffusersBackend.load(model, device=device, **backend_kwargs)
     if model in EMBEDDED_MODELS:
+        if backend_kwargs:
+            raise ValueError(f"embedded model {model!r} takes no backend kwargs, got {sorted(backend_kwargs)}")
         return EmbeddedDigitsBackend(model, device=device)
     close = difflib.get_close_matches(model, model_names(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -133,3 +133,68 @@ def load_lora(model: nn.Module, path: str | Path) -> dict:
     device = next(model.parameters()).device
     set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()}, adapter_name=ADAPTER)
     return meta
+
+
+# ------------------------------------------------------------------ diffusers-format export
+#: pipeline class -> the `save_lora_weights` argument naming its denoiser ("unet" or "transformer")
+DIFFUSERS_DENOISER_ARG = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
+                          "StableDiffusion3Pipeline": "transformer", "FluxPipeline": "transformer"}
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def export_diffusers_lora(denoiser: nn.Module, save_directory: str | Path, pipeline_class: str | type,
+                          lora_config: dict | None = None) -> Path:
+    """Write `denoiser`'s adapter in diffusers' LoRA format, loadable by `pipe.load_lora_weights(dir)`.
+
+    The peft state dict (`lora_A`/`lora_B` keys) goes through the pipeline class's own
+    `save_lora_weights`, which prefixes the keys (`unet.` / `transformer.`) and stores the adapter config
+    (rank, alpha, target modules) as safetensors metadata, so the loaded scale equals ours. Returns the
+    written file. `pipeline_class` is a class or its name, e.g. `"StableDiffusionXLPipeline"`.
+    """
+    if not has_lora(denoiser):
+        raise ValueError("this denoiser has no LoRA adapter to export; add or load one first")
+    if lora_config is None:
+        peft_config = getattr(denoiser, "peft_config", {}).get(ADAPTER)
+        if peft_config is None:
+            raise ValueError("cannot find the adapter's config on the model; pass lora_config=")
+        lora_config = dict(r=peft_config.r, lora_alpha=peft_config.lora_alpha,
+                           target_modules=sorted(peft_config.target_modules))
+    return _write_diffusers_lora(lora_state_dict(denoiser), lora_config, save_directory, pipeline_class)
+
+
+def convert_lora_to_diffusers(lora_file: str | Path, save_directory: str | Path, pipeline_class: str | type) -> Path:
+    """Convert a `save_lora` file (e.g. a trainer's `lora.safetensors`) to diffusers' LoRA format."""
+    tensors, meta = read_lora(lora_file)
+    return _write_diffusers_lora(tensors, meta["config"], save_directory, pipeline_class)
+
+
+def _write_diffusers_lora(tensors: dict[str, torch.Tensor], config: dict, save_directory: str | Path,
+                          pipeline_class: str | type) -> Path:
+    import diffusers
+    from peft import LoraConfig
+
+    name = pipeline_class if isinstance(pipeline_class, str) else pipeline_class.__name__
+    if name not in DIFFUSERS_DENOISER_ARG:
+        raise ValueError(f"LoRA export to {name!r} is not supported; expected one of {sorted(DIFFUSERS_DENOISER_ARG)}")
+    denoiser = DIFFUSERS_DENOISER_ARG[name]
+    metadata = LoraConfig(r=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
+                          target_modules=list(config["target_modules"])).to_dict()
+    save_directory = Path(save_directory)
+    getattr(diffusers, name).save_lora_weights(
+        save_directory, safe_serialization=True, weight_name=DIFFUSERS_LORA_FILE,
+        **{f"{denoiser}_lora_layers": {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+           f"{denoiser}_lora_adapter_metadata": metadata})
+    return save_directory / DIFFUSERS_LORA_FILE
+
+
+def cast_lora_parameters(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Keep the LoRA weights in `dtype` (float32) under half-precision base weights; returns how many.
+
+    peft's LoRA layers cast their input to the adapter's dtype and the result back, so an fp32 adapter
+    on an fp16/bf16 denoiser trains with fp32 optimizer states and updates (what diffusers' training
+    scripts do with `cast_training_params`). Call it before building the optimizer.
+    """
+    params = lora_parameters(model)
+    for p in params:
+        p.data = p.data.to(dtype)
+    return len(params)

@@ -1,0 +1,159 @@
+"""`diffenv ab`: the base pipeline with CFG vs the guidance-free LoRA model, same prompts, same seeds.
+
+    diffenv ab --model sd:/models/sd15 --lora runs/grpo/lora.safetensors --prompts prompts.txt \\
+        --seeds 0 1 2 --num-steps 20 --guidance-scale 7.5 --reward clip_score:/models/clip-vit-b32
+
+Both sides run the *plain* diffusers pipeline (nothing of this repo's sampler), so the comparison shows
+what a user of the exported LoRA gets: side A is `pipe(prompt, guidance_scale=w)` on the base weights,
+side B is `pipe.load_lora_weights(...)` (fused) then `pipe(prompt, guidance_scale=1)` (Flux: `true_cfg_scale`
+against the empty negative prompt, the distilled guidance embedding untouched). Image i of both sides
+starts from the same noise (`torch.Generator(device).manual_seed(seed)`). Writes a grid with one row
+per (prompt, seed) — base left, LoRA right — and prints mean rewards, NFE per image and wall time.
+
+`--lora` takes a diffusers LoRA folder or file (`export_diffusers_lora`), or a LoRA file written by the
+trainer (`lora.safetensors`), which is converted on the fly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="sd:PATH, sdxl:PATH, sd3:PATH or flux:PATH (folder or hub id)")
+    p.add_argument("--lora", required=True, help="diffusers LoRA folder/file, or a trainer lora.safetensors")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt and seed")
+    p.add_argument("--num-steps", type=int, default=20, help="sampler steps on both sides")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG weight of the base side (LoRA side: 1)")
+    p.add_argument("--reward", action="append", default=[],
+                   help="reward to report, NAME or NAME:PATH (e.g. clip_score:/models/clip); repeatable")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--negative-prompt", default=None, help="the base side's negative prompt (default: none)")
+    p.add_argument("--torch-dtype", default=None, help="float32 (default), fp16 or bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/ab/grid.png", help="PNG grid: rows (prompt, seed), columns base | LoRA")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `ab` on the `diffenv` command's subparsers."""
+    p = subparsers.add_parser("ab", help="A/B: base pipeline with CFG vs guidance-free LoRA, same prompts and seeds")
+    add_arguments(p)
+    p.set_defaults(func=cmd_ab)
+    return p
+
+
+def make_reward(spec: str, prompts: list[str], device):
+    """`NAME` or `NAME:PATH`; rewards whose factory takes `prompts` get the prompt list."""
+    import rewards
+    from rewards.registry import _REGISTRY
+
+    name, _, path = spec.partition(":")
+    if name not in _REGISTRY:
+        return rewards.make(name)  # raises the registry's error with suggestions
+    params = inspect.signature(_REGISTRY[name]).parameters
+    kwargs = {"path": path} if path else {}
+    if "prompts" in params:
+        kwargs["prompts"] = prompts
+    return rewards.make(name, device=device, **kwargs)
+
+
+def _load_lora(pipe, lora: str) -> None:
+    from diffenv.models.lora import _META_KEY, convert_lora_to_diffusers
+
+    path = Path(lora)
+    if path.is_dir():
+        pipe.load_lora_weights(str(path))
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"--lora {lora}: no such file or folder")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        ours = _META_KEY in (f.metadata() or {})
+    if not ours:  # already diffusers' format
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        convert_lora_to_diffusers(path, tmp, type(pipe).__name__)
+        pipe.load_lora_weights(tmp)
+
+
+def _sample(pipe, kind: str, prompts: list[str], seeds: list[int], guidance: float, a) -> tuple[torch.Tensor, float]:
+    """Images [len(seeds) * len(prompts), 3, H, W] in [0, 1] (seed-major) and the wall time."""
+    kwargs = dict(num_inference_steps=a.num_steps, output_type="pt", height=a.height, width=a.width)
+    if kind == "flux":
+        cfg = guidance > 1
+        kwargs.update(true_cfg_scale=guidance, negative_prompt=(a.negative_prompt or "") if cfg else None)
+    else:
+        kwargs.update(guidance_scale=guidance, negative_prompt=a.negative_prompt if guidance > 1 else None)
+    images, start = [], time.perf_counter()
+    for seed in seeds:
+        generators = [torch.Generator(a.device).manual_seed(seed) for _ in prompts]
+        with torch.no_grad():
+            images.append(pipe(prompt=prompts, generator=generators, **kwargs).images.float().cpu())
+    return torch.cat(images), time.perf_counter() - start
+
+
+def cmd_ab(a: argparse.Namespace) -> int:
+    from diffusers.utils import logging as diffusers_logging
+
+    from diffenv.models.diffusers_backend import load_pipeline, parse_model_spec, resolve_dtype
+    from diffenv.models.prompts import load_prompts
+    from diffenv.viz import save_grid
+
+    kind, path, _ = parse_model_spec(a.model)
+    if a.num_steps < 1 or not a.guidance_scale >= 1:
+        raise ValueError(f"expected --num-steps >= 1 and --guidance-scale >= 1, got {a.num_steps}, {a.guidance_scale}")
+    if not Path(a.lora).exists():  # fail before the (long) base-side sampling
+        raise FileNotFoundError(f"--lora {a.lora}: no such file or folder")
+    prompts = load_prompts(a.prompts)
+    reward_fns = [make_reward(spec, prompts, a.device) for spec in a.reward]
+    pipe = load_pipeline(kind, path, torch_dtype=resolve_dtype(a.torch_dtype)).to(a.device)
+    pipe.set_progress_bar_config(disable=True)
+
+    base, base_time = _sample(pipe, kind, prompts, a.seeds, a.guidance_scale, a)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": expected, ours has none
+    try:
+        _load_lora(pipe, a.lora)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipe.fuse_lora()  # time the model as it would be deployed: no per-layer adapter overhead
+    tuned, tuned_time = _sample(pipe, kind, prompts, a.seeds, 1.0, a)
+
+    n = len(base)
+    conditions = torch.arange(len(prompts)).repeat(len(a.seeds))
+    pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # [2n, 3, H, W]: base, LoRA, base, LoRA, ...
+    out = save_grid(pairs, a.out, nrow=2, scale=max(1, 256 // base.shape[-1]))
+    cfg_nfe = 2 if a.guidance_scale > 1 else 1
+    rows = [(f"base+CFG(w={a.guidance_scale:g})", base, cfg_nfe * a.num_steps, base_time),
+            ("LoRA(w=1)", tuned, a.num_steps, tuned_time)]
+    names = [r.name for r in reward_fns]
+    print(f"model={a.model} lora={a.lora} prompts={len(prompts)} seeds={a.seeds} steps={a.num_steps}")
+    print(f"{'side':<22}{'NFE/image':>10}{'s/image':>10}" + "".join(f"{m:>22}" for m in names))
+    for label, images, nfe, wall in rows:
+        scores = [f(images.to(a.device), conditions.to(a.device)).mean().item() for f in reward_fns]
+        print(f"{label:<22}{nfe:>10d}{wall / n:>10.3f}" + "".join(f"{s:>22.4f}" for s in scores))
+    print(f"wrote {out} (rows: prompt x seed; columns: base+CFG | LoRA)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m diffenv.ab ...`); `diffenv ab` is the same command."""
+    from diffenv import cli
+
+    return cli.main(["ab", *(argv or [])]) if argv is not None else cli.main(None)
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
