@@ -28,7 +28,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(algo=a.algo, model=a.model, reward=a.reward, images=a.images, out=a.out, seed=a.seed,
                       num_steps=a.num_steps, guidance_scale=a.guidance_scale, lora_rank=a.lora_rank,
                       device=a.device, grid_every=a.grid_every, eval_images=a.eval_images,
-                      progress=not a.no_progress, probe_every=a.probe_every, algo_overrides=dict(a.set))
+                      progress=not a.no_progress, probe_every=a.probe_every, algo_overrides=dict(a.set),
+                      model_kwargs=env_cli.model_kwargs(a))
     trainer = Trainer(cfg, resume=a.resume)
     before = trainer.evaluate(a.eval_images) if a.eval_images and not a.resume else None
     rows = trainer.train()
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="post-train a LoRA with a diffusion-RL algorithm")
     t.add_argument("--algo", required=True, choices=sorted(ALGORITHMS))
     t.add_argument("--model", default="digits-eps")
+    t.add_argument("--prompts", default=None, help="prompt file (one per line) for text-to-image models")
     t.add_argument("--reward", default="digit_classifier")
     t.add_argument("--images", type=int, required=True, help="budget: images generated for training")
     t.add_argument("--out", required=True, help="run directory (checkpoint, LoRA, log.csv, grids)")

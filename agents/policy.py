@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from diffenv.models import DiffusionBackend, load_backend
-from diffenv.models.lora import adapter_disabled, add_lora, load_lora, lora_parameters, save_lora
+from diffenv.models.lora import (adapter_disabled, add_lora, cast_lora_parameters, load_lora, lora_parameters,
+                                 save_lora)
 from diffenv.samplers import gaussian_log_prob, make_sampler
 
 DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "flow_sde"}
@@ -35,9 +36,9 @@ class DiffusionPolicy(nn.Module):
                  sampler: str | None = None, eta: float = 1.0, noise_level: float = 0.7,
                  guidance_scale: float = 1.0, lora_rank: int = 8, lora_alpha: float | None = None,
                  target_modules: Sequence[str] | None = None, lora_path: str | Path | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", model_kwargs: dict | None = None):
         super().__init__()
-        self.backend = load_backend(model, device=device)
+        self.backend = load_backend(model, device=device, **(model_kwargs or {}))
         self.model_name = model if isinstance(model, str) else getattr(self.backend, "name", "custom")
         self.sampler_name = sampler or DEFAULT_SAMPLER[self.backend.family]
         self.eta, self.noise_level, self.guidance_scale = float(eta), float(noise_level), float(guidance_scale)
@@ -50,6 +51,7 @@ class DiffusionPolicy(nn.Module):
         else:
             self.lora_config = add_lora(self.denoiser, rank=lora_rank, alpha=lora_alpha,
                                         target_modules=target_modules)
+        cast_lora_parameters(self.denoiser)  # fp16/bf16 base weights: the adapter still trains in fp32
 
     # ------------------------------------------------------------------ the distribution
     @property

@@ -47,6 +47,8 @@ class TrainConfig:
     eval_images: int = 0
     """images for the before/after evaluation with the deterministic sampler (0: skip)"""
     progress: bool = True
+    model_kwargs: dict = field(default_factory=dict)
+    """backend options, e.g. {"prompts": "prompts.txt"} for "sd:PATH" models"""
     probe_every: int = 0
     """over-optimisation monitor: every N epochs (and at epoch 1) score a fixed probe set (0: off)"""
     probe_images: int = 200
@@ -83,7 +85,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast below, as DDP does)
         self.policy = DiffusionPolicy(cfg.model, num_steps=cfg.num_steps, eta=self.algo_cfg.eta,
                                       noise_level=self.algo_cfg.noise_level, guidance_scale=cfg.guidance_scale,
-                                      lora_rank=cfg.lora_rank, device=cfg.device)
+                                      lora_rank=cfg.lora_rank, device=cfg.device, model_kwargs=cfg.model_kwargs)
         self.algo = ALGORITHMS[cfg.algo](self.policy, self.algo_cfg, self.dist)
         from diffenv import DiffusionSteerVectorEnv
 

@@ -31,7 +31,9 @@ def _non_negative_float(text: str) -> float:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that samples the model."""
-    p.add_argument("--model", default="digits-eps", help="model name (default: digits-eps)")
+    p.add_argument("--model", default="digits-eps",
+                   help="digits-eps | digits-flow | sd:PATH | sdxl:PATH | sd3:PATH | flux:PATH (default: digits-eps)")
+    p.add_argument("--prompts", default=None, help="prompt file (one per line) for text-to-image models")
     p.add_argument("--reward", default="digit_classifier", help="reward name, or 'none'")
     p.add_argument("--num-steps", type=_positive_int, default=10)
     p.add_argument("--sampler", default=None, help="ddim | ddpm | ode | flow_sde (default: the model's)")
@@ -42,10 +44,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def model_kwargs(a: argparse.Namespace) -> dict:
+    """Backend options from flags (`--prompts`)."""
+    return {"prompts": a.prompts} if getattr(a, "prompts", None) else {}
+
+
 def env_kwargs(a: argparse.Namespace) -> dict:
     return dict(model=a.model, reward=None if a.reward == "none" else a.reward, num_steps=a.num_steps,
                 sampler=a.sampler, eta=a.eta, guidance_scale=a.guidance_scale, conditions=a.conditions,
-                device=a.device)
+                device=a.device, model_kwargs=model_kwargs(a) or None)
 
 
 def load_model(a: argparse.Namespace):
@@ -55,7 +62,7 @@ def load_model(a: argparse.Namespace):
     from diffenv.models import load_backend
     from diffenv.models.lora import load_lora
 
-    backend = load_backend(a.model, device=a.device)
+    backend = load_backend(a.model, device=a.device, **model_kwargs(a))
     meta = load_lora(backend.denoiser, a.lora)
     base = meta.get("model")
     if base is not None and base != a.model:
@@ -67,7 +74,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from diffenv.sampling import generate
     from diffenv.viz import save_grid
 
-    kwargs = {**env_kwargs(a), "model": load_model(a)}
+    kwargs = env_kwargs(a)
+    if getattr(a, "lora", None):  # the backend is built here, with its options
+        kwargs.update(model=load_model(a), model_kwargs=None)
     result = generate(a.n, batch_size=a.batch_size, seed=a.seed, progress=a.n > a.batch_size, **kwargs)
     if a.out:
         out = Path(a.out)

@@ -37,6 +37,7 @@ class EnvConfig:
     device: Any = "cpu"
     seed: int | None = None
     action_bound: float = math.inf
+    model_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_steps) or self.num_steps < 1:
@@ -60,6 +61,8 @@ class EnvConfig:
             raise ValueError("dense_reward needs a multi-step action_mode ('noise' or 'latent'), got 'initial_noise'")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict (e.g. {{'prompts': 'prompts.txt'}}), got {self.model_kwargs!r}")
         if not isinstance(self.action_bound, (int, float)) or not self.action_bound > 0:
             raise ValueError(f"action_bound must be a number > 0 (math.inf for none), got {self.action_bound!r}")
 

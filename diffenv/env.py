@@ -75,6 +75,7 @@ class DiffusionSteerEnv(gym.Env):
     | `fork_at` | None | the group follows one trajectory until step `fork_at`, then branches (implies share_noise) |
     | `dense_reward` | False | the shaping above |
     | `device`, `seed` | `"cpu"`, None | torch device of all state; generator seed (`reset(seed=...)` reseeds) |
+    | `model_kwargs` | None | backend options, e.g. `{"prompts": "prompts.txt", "torch_dtype": "fp16"}` for `"sd:PATH"` |
 
     `reset(options={"conditions": ids})` fixes the conditions of the next episode.
 

@@ -55,7 +55,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self.cfg = cfg
         self.num_envs = int(num_envs)
         self.device = torch.device(cfg.device)
-        self.backend = load_backend(cfg.model, device=self.device)
+        self.backend = load_backend(cfg.model, device=self.device, **(cfg.model_kwargs or {}))
         cfg.check_against(self.backend)
         self.sampler = make_sampler(
             cfg.sampler_name(self.backend.family), self.backend.scheduler_config, cfg.num_steps,

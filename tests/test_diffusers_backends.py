@@ -8,6 +8,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -251,3 +252,22 @@ def test_ab_command_writes_grid_and_reports(folders, tmp_path, capsys):
     assert ab.main(["--model", f"sd:{folders['sd']}", "--lora", str(tmp_path / "none"), "--prompts", str(prompts),
                     "--num-steps", "1", "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_cli_prompts_flag_samples_and_trains_a_text_to_image_model(folders, tmp_path, capsys):
+    from agents.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    model = f"sd:{folders['sd']}?height=64&width=64"
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--model", model, "--prompts", str(prompts), "--reward", "none", "--num-steps", "2",
+                 "--n", "3", "--out", str(out)]) == 0
+    assert np.load(out)["images"].shape == (3, 3, 64, 64)
+    run = tmp_path / "run"
+    assert main(["train", "--algo", "grpo", "--model", model, "--prompts", str(prompts), "--reward",
+                 "jpeg_compressibility", "--num-steps", "2", "--images", "4", "--out", str(run), "--no-progress",
+                 "--set", "images_per_epoch=4", "--set", "group_size=2", "--grid-every", "0"]) == 0
+    assert main(["sample", "--model", model, "--prompts", str(prompts), "--reward", "none", "--num-steps", "2",
+                 "--n", "2", "--lora", str(run / "lora.safetensors")]) == 0
+    assert "NFE per image: 2" in capsys.readouterr().out
