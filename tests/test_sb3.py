@@ -1,0 +1,108 @@
+"""Stable-Baselines3 integration (agents/sb3.py): env checks, the VecEnv, PPO/SAC, the diffusion policy."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO, SAC
+from stable_baselines3.common.env_checker import check_env
+from stable_baselines3.common.vec_env import VecMonitor
+
+from agents.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, DiffusionStepDistribution,
+                        latent_policy_kwargs, make_single_env)
+
+K = 3
+ENV = dict(model="digits-flow", num_steps=K)
+
+
+@pytest.mark.parametrize("mode", ["noise", "initial_noise", "latent"])
+def test_sb3_check_env_single(mode):
+    env = make_single_env(action_mode=mode, seed=0, **ENV)
+    assert np.isfinite(env.action_space.low).all() and np.isfinite(env.action_space.high).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "latent looks like an image" / "normalise the action box" hints
+        check_env(env)
+
+
+def test_infinite_bound_rejected():
+    with pytest.raises(ValueError, match="finite"):
+        DiffusionSteerSB3VecEnv(2, action_bound=float("inf"), **ENV)
+
+
+def test_vec_env_same_step_reset_and_terminal_obs():
+    venv = DiffusionSteerSB3VecEnv(4, reward=None, seed=0, **ENV)
+    venv.seed(3)
+    obs = first = venv.reset()
+    assert obs["latent"].shape == (4, 1, 8, 8) and obs["latent"].dtype == np.float32
+    assert obs["condition"].shape == (4,) and obs["timestep"].shape == (4, 1)
+    for k in range(K):
+        obs, reward, dones, infos = venv.step(np.zeros((4, 1, 8, 8), np.float32))
+        assert reward.shape == (4,) and dones.dtype == bool
+        assert dones.all() == (k == K - 1)
+    for info in infos:
+        term = info["terminal_observation"]
+        assert term["timestep"][0] == 0.0 and term["latent"].shape == (1, 8, 8)
+        assert info["TimeLimit.truncated"] is False
+    np.testing.assert_allclose(obs["timestep"], 1.0)  # already the next episode's first observation
+    assert not np.array_equal(obs["latent"][0], infos[0]["terminal_observation"]["latent"])
+    venv.seed(3)  # one seed reproduces the whole batch
+    np.testing.assert_array_equal(venv.reset()["latent"], first["latent"])
+    assert not np.array_equal(venv.reset()["latent"], first["latent"])
+
+
+@pytest.mark.parametrize("mode", ["noise", "initial_noise"])
+def test_ppo_and_sac_on_noise_actions(mode):
+    venv = VecMonitor(DiffusionSteerSB3VecEnv(8, action_mode=mode, seed=0, **ENV))
+    kwargs = latent_policy_kwargs(features_dim=32, net_arch=[32])
+    ppo = PPO("MultiInputPolicy", venv, policy_kwargs=kwargs, n_steps=6, batch_size=24, n_epochs=1, gamma=1.0,
+              seed=0, device="cpu")
+    ppo.learn(240)
+    sac = SAC("MultiInputPolicy", venv, policy_kwargs=kwargs, learning_starts=48, batch_size=32, gamma=1.0,
+              seed=0, device="cpu")
+    sac.learn(240)
+    for model in (ppo, sac):  # episodes were completed and recorded (VecMonitor → ep_info_buffer)
+        assert len(model.ep_info_buffer) > 0
+        assert all(0.0 <= ep["r"] <= 1.0 and ep["l"] == venv.venv.vector_env.episode_length
+                   for ep in model.ep_info_buffer)
+
+
+def test_diffusion_distribution_sigma_zero():
+    dist = DiffusionStepDistribution(64).proba_distribution(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.0]))
+    actions = dist.sample()
+    assert torch.equal(actions[1], dist.mode()[1])
+    lp = dist.log_prob(actions)
+    assert torch.isfinite(lp).all() and lp[1] == 0
+
+
+def test_diffusion_policy_learns_saves_and_loads(tmp_path):
+    venv = DiffusionSteerSB3VecEnv(8, action_mode="latent", seed=0, **ENV)
+    diffusion_kwargs = dict(lora_rank=4, **ENV)
+    model = PPO(DiffusionActorCriticPolicy, venv, policy_kwargs={"diffusion_kwargs": diffusion_kwargs},
+                n_steps=6, batch_size=24, n_epochs=1, learning_rate=1e-3, gamma=1.0, seed=0, device="cpu")
+    policy = model.policy
+    lora = [p for n, p in policy.named_parameters() if "lora_" in n]
+    frozen = {n: p.detach().clone() for n, p in policy.diffusion.named_parameters() if "lora_" not in n}
+    assert {id(p) for g in policy.optimizer.param_groups for p in g["params"]} >= {id(p) for p in lora}
+    model.learn(96)
+    assert any(p.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # the LoRA moved
+    assert all(torch.equal(p, frozen[n]) for n, p in policy.diffusion.named_parameters() if "lora_" not in n)
+
+    obs = venv.reset()
+    path = tmp_path / "ppo_diffusion.zip"
+    model.save(path)
+    loaded = PPO.load(path, device="cpu")
+    assert isinstance(loaded.policy, DiffusionActorCriticPolicy)
+    a1, _ = model.predict(obs, deterministic=True)
+    a2, _ = loaded.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(a1, a2)
+    fresh = PPO(DiffusionActorCriticPolicy, venv, policy_kwargs={"diffusion_kwargs": diffusion_kwargs}, device="cpu")
+    assert not np.array_equal(a1, fresh.predict(obs, deterministic=True)[0])  # the reload carried the LoRA
+    obs_t = {k: torch.as_tensor(v) for k, v in obs.items()}
+    torch.manual_seed(0)
+    actions, values, log_prob = loaded.policy(obs_t)
+    assert actions.shape == (8, 1, 8, 8) and values.shape == (8, 1) and torch.isfinite(log_prob).all()
+    _, lp, _ = loaded.policy.evaluate_actions(obs_t, actions.reshape(8, -1))
+    torch.testing.assert_close(lp, log_prob)
