@@ -29,7 +29,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from agents.policy import DiffusionPolicy
-from agents.torchrl import LatentEncoder, step_index_from_timestep
+from agents.nets import LatentEncoder
 from diffenv.env import DiffusionSteerEnv
 from diffenv.samplers import gaussian_log_prob
 from diffenv.vector_env import DiffusionSteerVectorEnv
@@ -284,7 +284,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(f"observations are on {latent.device} but the diffusion model is on "
                              f"{self.diffusion.device}; pass the same device to the algorithm (device=...) "
                              "and to diffusion_kwargs['device']")
-        k = step_index_from_timestep(self.diffusion.sampler, obs["timestep"])
+        k = self.diffusion.sampler.step_index_of(obs["timestep"])
         condition = obs["condition"].reshape(len(latent), -1)[:, 0]  # ids, [B] (collection) or [B, 1] (buffer)
         condition = condition.round().long() if condition.is_floating_point() else condition.long()
         mean, std = self.diffusion.distribution(latent, k, condition)

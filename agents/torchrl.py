@@ -28,16 +28,17 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
 
 from agents.advantages import group_advantages
+from agents.nets import LatentEncoder
 from agents.policy import DiffusionPolicy
-from diffenv.samplers import Sampler, gaussian_log_prob
+from diffenv.samplers import gaussian_log_prob
 from diffenv.vector_env import DiffusionSteerVectorEnv
 
 OBS_KEYS = ("latent", "timestep", "condition")
 LOG_PROB_KEY = "action_log_prob"  # ClipPPOLoss's default when composite_lp_aggregate() is False
 
 __all__ = [
-    "DiffusionSteerTorchRLEnv", "DiffusionStepNormal", "LatentEncoder", "evaluate", "make_diffusion_actor",
-    "make_noise_actor_critic", "spec_from_space", "step_index_from_timestep", "terminal_group_advantage",
+    "DiffusionSteerTorchRLEnv", "DiffusionStepNormal", "evaluate", "make_diffusion_actor",
+    "make_noise_actor_critic", "spec_from_space", "terminal_group_advantage",
 ]
 
 
@@ -149,22 +150,6 @@ def evaluate(env: DiffusionSteerTorchRLEnv, actor, seed: int,
 # ----------------------------------------------------------------------------------------- diffusion actor
 
 
-def step_index_from_timestep(sampler: Sampler, timestep: torch.Tensor) -> torch.Tensor:
-    """The step index k [B] whose observed timestep `sampler.obs_timesteps[k]` is `timestep` ([B] or [B, 1]).
-
-    The terminal observation (k = K) maps to K − 1: its action is never used by the env. Raises if a
-    timestep is not on this sampler's grid (a policy and env built with different samplers).
-    """
-    table = sampler.obs_timesteps.to(timestep.device)  # [K+1], decreasing
-    dist = (timestep.reshape(-1, 1).float() - table).abs()
-    err, k = dist.min(-1)
-    if (err > 1e-4).any():
-        bad = timestep.reshape(-1)[err > 1e-4][:4].tolist()
-        raise ValueError(f"timesteps {bad} are not on the policy's sampler grid {table.tolist()}; "
-                         "build the env from policy.env_kwargs()")
-    return k.clamp(max=sampler.num_steps - 1)
-
-
 class DiffusionStepNormal(D.Distribution):
     """`N(loc, scale² I)` over a latent event `[C, H, W]` with one σ per sample (batch shape = `scale`'s).
 
@@ -221,7 +206,7 @@ class DiffusionStepParams(nn.Module):
 
     def forward(self, latent, timestep, condition):
         lead, event = latent.shape[:-3], latent.shape[-3:]
-        k = step_index_from_timestep(self.policy.sampler, timestep)
+        k = self.policy.sampler.step_index_of(timestep)
         mean, std = self.policy.distribution(latent.reshape(-1, *event), k, condition.reshape(-1))
         return mean.to(latent.dtype).reshape(latent.shape), std.to(latent.dtype).reshape(lead)
 
@@ -240,37 +225,6 @@ def make_diffusion_actor(policy: DiffusionPolicy, return_log_prob: bool = True) 
 
 
 # ----------------------------------------------------------------------------------------- noise-space actor-critic
-
-
-class LatentEncoder(nn.Module):
-    """Small CNN on a latent [B, C, H, W] + timestep [B, 1] + condition embedding → features [B, out_dim].
-
-    `condition` may be ids [B] or one-hot floats [B, n] (how SB3 preprocesses a `Discrete` observation).
-    Works for any latent size (adaptive pooling to 4×4).
-    """
-
-    def __init__(self, latent_shape, n_conditions: int, out_dim: int = 128, channels: int = 32):
-        super().__init__()
-        c = latent_shape[0]
-        self.conv = nn.Sequential(
-            nn.Conv2d(c, channels, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-        )
-        self.embed = nn.Embedding(n_conditions, 32)
-        self.head = nn.Sequential(nn.Linear(2 * channels * 16 + 32 + 1, out_dim), nn.SiLU(),
-                                  nn.Linear(out_dim, out_dim), nn.SiLU())
-        self.out_dim = out_dim
-
-    def forward(self, latent, timestep, condition):
-        lead = latent.shape[:-3]
-        x = self.conv(latent.reshape(-1, *latent.shape[-3:]))
-        if condition.dtype.is_floating_point:  # one-hot [.., n]
-            emb = condition.reshape(-1, condition.shape[-1]) @ self.embed.weight
-        else:
-            emb = self.embed(condition.reshape(-1).long())
-        h = self.head(torch.cat([x, timestep.reshape(-1, 1).to(x.dtype), emb], -1))
-        return h.reshape(*lead, -1)
 
 
 class _NoiseMean(nn.Module):

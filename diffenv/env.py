@@ -37,7 +37,7 @@ class DiffusionSteerEnv(gym.Env):
     | `"initial_noise"` | x_T | one-step episode: the whole deterministic (`"ode"`) sampler from x_T |
 
     Steps where σ_t = 0 (e.g. DDIM's last step) ignore the noise action. With `action_bound=b` the
-    noise space is `[−b, b]` and actions are clamped to it (DSRL's implicit regulariser).
+    noise / initial-noise space is `[−b, b]` and actions are clamped to it (DSRL's implicit regulariser).
 
     ## Observation space
     `Dict(latent: Box(C, H, W) float32, timestep: Box((1,), 0..1) = t / T_train, condition: Discrete(n))`.

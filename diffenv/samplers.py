@@ -85,6 +85,21 @@ class Sampler:
         self._coefs = {k: v.to(self.device, acc) for k, v in self._coefs.items()}
         return self
 
+    def step_index_of(self, timestep: Tensor) -> Tensor:
+        """The step index k [B] whose observed timestep `obs_timesteps[k]` is `timestep` ([B] or [B, 1]).
+
+        Policies that see only the env's observation use it. The terminal observation (k = K) maps to
+        K − 1: its action is never used. Raises if a timestep is off this sampler's grid (a policy and an
+        env built with different samplers).
+        """
+        table = self.obs_timesteps.to(timestep.device)  # [K+1], decreasing
+        err, k = (timestep.reshape(-1, 1).float() - table).abs().min(-1)
+        if (err > 1e-4).any():
+            bad = timestep.reshape(-1)[err > 1e-4][:4].tolist()
+            raise ValueError(f"timesteps {bad} are not on the policy's sampler grid {table.tolist()}; "
+                             "build the env from policy.env_kwargs()")
+        return k.clamp(max=self.num_steps - 1)
+
     def _prepare(self, latents: Tensor, model_output: Tensor, step_index) -> tuple[Tensor, Tensor, Tensor]:
         """Common input handling: float32 (or float64) maths, step_index as [B] int64 on the latents' device."""
         if model_output.shape != latents.shape:

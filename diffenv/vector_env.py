@@ -79,7 +79,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
             "timestep": spaces.Box(0.0, 1.0, (1,), np.float32),
             "condition": spaces.Discrete(self.backend.n_conditions),
         })
-        bound = cfg.action_bound if cfg.action_mode == "noise" else np.inf
+        bound = np.inf if cfg.action_mode == "latent" else cfg.action_bound
         self.single_action_space = spaces.Box(-bound, bound, shape, np.float32)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -223,7 +223,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         if not torch.isfinite(a).all():
             bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
             raise ValueError(f"actions contain NaN or inf (sub-envs {bad}); expected finite values")
-        if self.cfg.action_mode == "noise" and np.isfinite(self.cfg.action_bound):
+        if self.cfg.action_mode != "latent" and np.isfinite(self.cfg.action_bound):
             a = a.clamp(-self.cfg.action_bound, self.cfg.action_bound)
         return a
 
@@ -234,7 +234,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
     def _transition(self, actions: torch.Tensor, active: torch.Tensor) -> None:
         k = self.step_index
         if self.cfg.action_mode == "latent":
-            new = actions
+            new = actions.clone()  # the state must not alias a tensor the caller may modify
         else:  # noise: one step of the frozen base sampler, driven by the action
             out = self._cached_output if self._cached_output is not None else self._predict(self.latents, k)
             self.nfe = self.nfe + active * self.nfe_per_step * (self._cached_output is None)

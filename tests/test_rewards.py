@@ -99,7 +99,7 @@ def test_classifier_rewards_true_label_high_wrong_label_low(classifier, test_dig
 
 
 def test_classifier_modes_agree(test_digits):
-    images, labels = test_digits[0][:64], test_digits[1][:64]
+    images, _ = test_digits[0][:64], test_digits[1][:64]
     conditions = torch.arange(64) % 10  # mixes right and wrong labels
     prob = rewards.make("digit_classifier", mode="prob")
     log_prob = rewards.make("digit_classifier", mode="log_prob")
@@ -125,7 +125,7 @@ def test_judge_is_a_different_model(classifier, judge, test_digits):
     assert type(classifier.network) is not type(judge.network)
     shapes = lambda net: sorted(tuple(p.shape) for p in net.parameters())  # noqa: E731
     assert shapes(classifier.network) != shapes(judge.network)
-    images, labels = test_digits[0][:64], test_digits[1][:64]
+    images, _ = test_digits[0][:64], test_digits[1][:64]
     assert not torch.allclose(classifier.logits(images), judge.logits(images))
 
 

@@ -11,7 +11,7 @@ from torchrl.objectives.value import GAE
 
 from agents.policy import DiffusionPolicy
 from agents.torchrl import (DiffusionSteerTorchRLEnv, DiffusionStepNormal, evaluate, make_diffusion_actor,
-                            make_noise_actor_critic, step_index_from_timestep, terminal_group_advantage)
+                            make_noise_actor_critic, terminal_group_advantage)
 
 K = 3
 
@@ -57,10 +57,10 @@ def test_partial_reset_keeps_other_rows():
 
 def test_step_index_from_timestep(policy):
     table = policy.sampler.obs_timesteps
-    assert torch.equal(step_index_from_timestep(policy.sampler, table[:K].view(-1, 1)), torch.arange(K))
-    assert step_index_from_timestep(policy.sampler, table[K:]).item() == K - 1  # terminal obs
+    assert torch.equal(policy.sampler.step_index_of(table[:K].view(-1, 1)), torch.arange(K))
+    assert policy.sampler.step_index_of(table[K:]).item() == K - 1  # terminal obs
     with pytest.raises(ValueError, match="sampler grid"):
-        step_index_from_timestep(policy.sampler, torch.tensor([0.123]))
+        policy.sampler.step_index_of(torch.tensor([0.123]))
 
 
 def test_distribution_sigma_zero():
@@ -79,7 +79,7 @@ def test_actor_log_prob_equals_policy(policy):
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         td = env.rollout(K, actor)
     flat = td.reshape(-1)  # [4 * K]
-    k = step_index_from_timestep(policy.sampler, flat["timestep"])
+    k = policy.sampler.step_index_of(flat["timestep"])
     with torch.no_grad():
         lp = policy.log_prob(flat["action"], flat["latent"], k, flat["condition"])
     assert flat["action_log_prob"].shape == (4 * K,)
