@@ -7,9 +7,12 @@ from typing import Any
 
 from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
 from agents.algos.ddpo import DDPO, DDPOConfig
+from agents.algos.fdfo import FDFO, FDFOConfig
+from agents.algos.fpo import FPO, FPOConfig
 from agents.algos.grpo import GRPO, GRPOConfig
+from agents.algos.nft import DiffusionNFT, NFTConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, GRPO)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, GRPO, FPO, DiffusionNFT, FDFO)}
 
 
 def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) -> AlgoConfig:
@@ -25,4 +28,5 @@ def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) ->
 
 
 __all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "clipped_surrogate", "make_algorithm_config",
-           "DDPO", "DDPOConfig", "GRPO", "GRPOConfig"]
+           "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FPO", "FPOConfig", "DiffusionNFT", "NFTConfig",
+           "FDFO", "FDFOConfig"]
