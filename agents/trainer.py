@@ -45,7 +45,7 @@ class TrainConfig:
     grid_every: int = 10
     """save an image grid every N epochs (0: never)"""
     eval_images: int = 0
-    """images for the before/after evaluation with the deterministic sampler (0: skip)"""
+    """images for the before/after evaluation with the model's default sampler (0: skip)"""
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
     """backend options, e.g. {"prompts": "prompts.txt"} for "sd:PATH" models"""
@@ -177,11 +177,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, n: int, seed: int = 12345, batch_size: int = 256):
-        """Mean reward of the current (adapted) model with the policy's own sampler, fixed seeds."""
+        """Mean reward of the current (adapted) model, fixed seeds, with the model's *default* sampler
+        (not the algorithm's rollout sampler, e.g. FDFO's low churn), so algorithms compare fairly."""
         from diffenv.sampling import generate
 
-        result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward,
-                          guidance_scale=self.cfg.guidance_scale, **self.policy.env_kwargs())
+        result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward, model=self.policy.backend,
+                          num_steps=self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale,
+                          device=self.policy.device)
         return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item(),
                 "result": result}
 
