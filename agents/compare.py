@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from agents.algos import ALGORITHMS
 from agents.compare_report import read_log, write_outputs
 
+#: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
+GENERIC_LEARNERS = ("sb3_ppo",)
+SB3_PPO_DEFAULTS = dict(num_envs=32, n_epochs=2, batch_size=48, lr=1e-3, lora_rank=8, chunk_images=256)
 QUICK = dict(eval_images=100, budgets=[32], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)
 
 
@@ -50,9 +53,10 @@ class Task:
     algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
-        bad = [a for a in self.algos if a not in ALGORITHMS]
+        known = sorted(ALGORITHMS) + list(GENERIC_LEARNERS)
+        bad = [a for a in self.algos if a not in known]
         if bad:
-            raise ValueError(f"task {self.name!r}: unknown algos {bad}; expected some of {sorted(ALGORITHMS)}")
+            raise ValueError(f"task {self.name!r}: unknown algos {bad}; expected some of {known}")
         if any(b < 1 for b in self.budgets) or any(n < 2 for n in self.best_of_n):
             raise ValueError(f"task {self.name!r}: budgets must be >= 1 and best_of_n >= 2")
         if any(w < 0 for w in self.cfg_scales):
@@ -161,6 +165,8 @@ class Comparison:
         from agents.trainer import CHECKPOINT, LORA, TrainConfig, Trainer
 
         run = self.run_dir(task, algo, seed)
+        if algo == "sb3_ppo":
+            return self.train_sb3_ppo(task, seed, run)
         for budget in sorted(task.budgets):
             snap = run / f"lora_{budget}.safetensors"
             if snap.is_file():
@@ -172,9 +178,46 @@ class Comparison:
             Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
             shutil.copyfile(run / LORA, snap)
 
+    def train_sb3_ppo(self, task: Task, seed: int, run: Path) -> None:
+        """Stable-Baselines3's own PPO fine-tuning the LoRA through `DiffusionActorCriticPolicy` (latent mode)."""
+        from stable_baselines3 import PPO
+
+        from agents.sb3 import DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv
+
+        opts = {**SB3_PPO_DEFAULTS, **task.algo_overrides.get("sb3_ppo", {})}
+        k, run_zip = task.num_steps, run / "ppo.zip"
+        if all((run / f"lora_{b}.safetensors").is_file() for b in task.budgets):
+            return
+        run.mkdir(parents=True, exist_ok=True)
+        venv = DiffusionSteerSB3VecEnv(opts["num_envs"], seed=seed, model=task.model, reward=task.reward,
+                                       num_steps=k, action_mode="latent")
+        if run_zip.is_file():
+            model = PPO.load(run_zip, env=venv, device="cpu")
+        else:
+            model = PPO(DiffusionActorCriticPolicy, venv, n_steps=k, batch_size=opts["batch_size"],
+                        n_epochs=opts["n_epochs"], learning_rate=opts["lr"], gamma=1.0, gae_lambda=0.95,
+                        max_grad_norm=1.0, seed=seed, device="cpu",
+                        policy_kwargs={"diffusion_kwargs": dict(model=task.model, num_steps=k,
+                                                                lora_rank=opts["lora_rank"])})
+        log, start = run / "log.csv", time.perf_counter()
+        for budget in sorted(task.budgets):
+            while model.num_timesteps // k < budget:
+                chunk = min(opts["chunk_images"], budget - model.num_timesteps // k)
+                model.learn(chunk * k, reset_num_timesteps=False)
+                episodes = model.rollout_buffer.rewards.size / k  # terminal rewards only
+                row = {"epoch": model._n_updates, "images_seen": model.num_timesteps // k,
+                       "reward_mean": float(model.rollout_buffer.rewards.sum() / episodes),
+                       "wall_time_s": round(time.perf_counter() - start, 3)}
+                new = not log.is_file()
+                with log.open("a") as f:
+                    f.write(",".join(row) + "\n" if new else "")
+                    f.write(",".join(str(v) for v in row.values()) + "\n")
+            model.save(run_zip)
+            model.policy.diffusion.save_lora(run / f"lora_{budget}.safetensors")
+
     def rl_rows(self, task: Task) -> list[dict]:
         from diffenv.models import load_backend
-        from diffenv.models.lora import load_lora
+        from diffenv.models.lora import load_lora, merge_lora
 
         rows = []
         for algo in task.algos:
@@ -187,6 +230,7 @@ class Comparison:
                     def compute():
                         backend = load_backend(task.model)
                         load_lora(backend.denoiser, run / f"lora_{budget}.safetensors")
+                        merge_lora(backend.denoiser)  # deployment cost: no adapter matmuls at sampling time
                         return _metrics(eval_model(task, backend, 1.0), task)
 
                     row = self._cached(f"{task.name}/{algo}/s{seed}/b{budget}", compute)

@@ -82,3 +82,18 @@ def test_bad_lora_files(tmp_path):
         policy.load_lora(corrupt)
     with pytest.raises(FileNotFoundError):
         policy.load_lora(tmp_path / "missing.safetensors")
+
+
+def test_merge_lora_keeps_outputs_and_removes_the_adapter_cost():
+    from diffenv.models.lora import merge_lora
+
+    policy = DiffusionPolicy("digits-eps", num_steps=4)
+    perturb_lora(policy, seed=5)
+    x, c, k = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])
+    before = policy.model_output(x, k, c)
+    assert merge_lora(policy.denoiser) > 0
+    torch.testing.assert_close(policy.model_output(x, k, c), before, atol=1e-4, rtol=1e-4)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in policy.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(m.merged for m in layers)  # the forward skips the adapter matmuls

@@ -74,6 +74,17 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
             # enable_adapters(True) re-enables grads of the *active* adapter only, as we want
 
 
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its base weight (W += B A · α/r), for inference at the base model's cost.
+
+    After merging, the adapter must not be trained or saved again; returns the number of merged layers.
+    """
+    layers = _tuner_layers(model)
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
