@@ -204,12 +204,13 @@ class Trainer:
         path = self.out / LOG
         self.out.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
+        if new:
+            fields = list(row)
+        else:  # the header written by the first epoch fixes the columns (also across --resume)
+            with path.open(newline="") as f:
+                fields = next(csv.reader(f))
         with path.open("a", newline="") as f:
-            if new:
-                self._fields = list(row)
-            else:
-                self._fields = getattr(self, "_fields", None) or next(csv.reader(path.open()))
-            w = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 w.writeheader()
             w.writerow(row)

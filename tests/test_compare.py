@@ -34,7 +34,7 @@ def test_quick_comparison_writes_every_output(tmp_path):
     log = list(csv.DictReader((tmp_path / "runs" / "flow-classifier-3" / "grpo" / "seed0" / "log.csv").open()))
     assert "probe_judge_accuracy" in log[0] and "probe_fd" in log[0]
     md = (tmp_path / "results.md").read_text()
-    assert "best CFG" in md and "images to reach CFG's judge accuracy" in md
+    assert "best CFG" in md and "matches CFG's best judge accuracy" in md
     # resumable: a second run reuses the cache and the snapshots
     before = (tmp_path / "results.csv").read_text()
     assert main(["compare", "--config", str(ROOT / "examples" / "compare.toml"), "--out", str(tmp_path),
