@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-ACTION_MODES = ("noise", "latent", "initial_noise")
+ACTION_MODES = ("noise", "latent", "initial_noise", "trajectory")
+ONE_STEP_MODES = ("initial_noise", "trajectory")
 DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "flow_sde"}
 FAMILY_SAMPLERS = {"ddpm": ("ddpm", "ddim", "ode"), "flow": ("flow_sde", "ode")}
 
@@ -54,11 +55,11 @@ class EnvConfig:
         if self.fork_at is not None:
             if not _is_int(self.fork_at) or not 0 <= self.fork_at <= self.num_steps:
                 raise ValueError(f"fork_at must be an int in [0, num_steps={self.num_steps}], got {self.fork_at!r}")
-            if self.action_mode == "initial_noise":
-                raise ValueError("fork_at needs a multi-step action_mode ('noise' or 'latent'), got 'initial_noise'")
+            if self.action_mode in ONE_STEP_MODES:
+                raise ValueError(f"fork_at needs a multi-step action_mode ('noise' or 'latent'), got {self.action_mode!r}")
             self.share_noise = True  # a fork starts from one trajectory, hence one x_T
-        if self.dense_reward and self.action_mode == "initial_noise":
-            raise ValueError("dense_reward needs a multi-step action_mode ('noise' or 'latent'), got 'initial_noise'")
+        if self.dense_reward and self.action_mode in ONE_STEP_MODES:
+            raise ValueError(f"dense_reward needs a multi-step action_mode ('noise' or 'latent'), got {self.action_mode!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):

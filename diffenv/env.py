@@ -35,6 +35,7 @@ class DiffusionSteerEnv(gym.Env):
     | `"noise"` (default) | ε | `x_{t−1} = μ_base(x_t, t, c) + σ_t ε` (ε ~ N(0, I) reproduces the base sampler exactly) |
     | `"latent"` | x_{t−1} | none: the agent is the diffusion policy (DDPO/GRPO), the env runs no network |
     | `"initial_noise"` | x_T | one-step episode: the whole deterministic (`"ode"`) sampler from x_T |
+    | `"trajectory"` | ignored | one-step episode: the whole stochastic sampler from the env's x_T with the supplied `model` (e.g. a policy's LoRA backend); `info["trajectory"]` holds x_T … x_0 (for DiffusionNFT / FDFO-style learners that need only samples) |
 
     Steps where σ_t = 0 (e.g. DDIM's last step) ignore the noise action. With `action_bound=b` the
     noise / initial-noise space is `[−b, b]` and actions are clamped to it (DSRL's implicit regulariser).
@@ -54,7 +55,7 @@ class DiffusionSteerEnv(gym.Env):
     `x_T ~ N(0, I)` from the env's seeded torch generator (shared within a group if `share_noise`).
 
     ## Episode end
-    `terminated=True` after K steps (1 in `"initial_noise"` mode); never truncated. At termination
+    `terminated=True` after K steps (1 in the one-step modes); never truncated. At termination
     `info` holds `final_images` (in [0, 1]) and `reward_components`; `info["nfe"]` always holds the
     network evaluations spent on this episode (2 per step with CFG).
 

@@ -16,7 +16,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from diffenv.config import EnvConfig
+from diffenv.config import ONE_STEP_MODES, EnvConfig
 from diffenv.models import load_backend, nfe_per_step
 from diffenv.samplers import make_sampler
 
@@ -63,7 +63,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         )
         self.reward_fn = cfg.make_reward(self.device)
         self.condition_set = torch.as_tensor(cfg.condition_ids(self.backend.n_conditions), device=self.device)
-        self.episode_length = 1 if cfg.action_mode == "initial_noise" else cfg.num_steps
+        self.episode_length = 1 if cfg.action_mode in ONE_STEP_MODES else cfg.num_steps
         if max_episode_steps is not None and max_episode_steps < self.episode_length:
             raise ValueError(
                 f"max_episode_steps={max_episode_steps} would truncate episodes that last exactly "
@@ -194,7 +194,9 @@ class DiffusionSteerVectorEnv(VectorEnv):
             )
         active = ~resetting
         if self.cfg.action_mode == "initial_noise":
-            self._run_from_initial_noise(actions, active)
+            self._run_sampler(actions, active)
+        elif self.cfg.action_mode == "trajectory":
+            info["trajectory"] = self._run_sampler(self.latents, active, stochastic=True)
         else:
             self._transition(actions, active)
         terminated = active & (self.step_index >= self.episode_length)
@@ -248,15 +250,26 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self.latents = new if active.all() else torch.where(active.view(-1, 1, 1, 1), new, self.latents)
         self.step_index = self.step_index + active
 
-    def _run_from_initial_noise(self, actions: torch.Tensor, active: torch.Tensor) -> None:
-        x = actions
+    def _run_sampler(self, x: torch.Tensor, active: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+        """The whole K-step sampler from x_T = `x` in one env step; returns the visited latents [N, K+1, ...].
+
+        initial_noise: the deterministic sampler (std is 0). trajectory: the env's (stochastic) sampler
+        with noise from the env's seeded generator, the model being whatever `model` the agent supplied.
+        """
+        visited = [x]
         for k in range(self.cfg.num_steps):
             idx = torch.full((self.num_envs,), k, dtype=torch.long, device=self.device)
-            out = self._predict(x, idx)
-            x = self.sampler.step_distribution(x, out, idx)[0]  # deterministic sampler: std is 0
+            mean, std = self.sampler.step_distribution(x, self._predict(x, idx), idx)
+            if stochastic:
+                noise = torch.randn(mean.shape, generator=self.generator, device=self.device)
+                x = mean + std.view(-1, 1, 1, 1) * noise
+            else:
+                x = mean
+            visited.append(x)
         self.latents = torch.where(active.view(-1, 1, 1, 1), x, self.latents)
         self.nfe = self.nfe + active * self.nfe_per_step * self.cfg.num_steps
         self.step_index = self.step_index + active
+        return torch.stack(visited, 1)
 
     # ------------------------------------------------------------------ reward
     def _score(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -292,7 +305,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
 
     # ------------------------------------------------------------------ views
     def _observation(self) -> dict[str, torch.Tensor]:
-        if self.cfg.action_mode == "initial_noise":
+        if self.cfg.action_mode in ONE_STEP_MODES:
             t = torch.where(self.step_index > 0, 0.0, 1.0)
         else:
             t = self.sampler.obs_timesteps[self.step_index]

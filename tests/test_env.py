@@ -301,3 +301,23 @@ def test_env_is_registered_on_import():
     assert diffenv.ENV_ID in gym.registry
     spec = gym.spec("DiffusionSteer-v0")
     assert spec.vector_entry_point == "diffenv.vector_env:DiffusionSteerVectorEnv"
+
+
+@pytest.mark.parametrize("model", ["digits-eps", "digits-flow"])
+def test_trajectory_mode_runs_the_stochastic_sampler_in_one_step(model):
+    traj = make(3, model=model, action_mode="trajectory", reward="digit_classifier")
+    obs, _ = traj.reset(seed=0)
+    x_T = obs["latent"].clone()
+    _, r, term, _, info = traj.step(torch.zeros(3, 1, 8, 8))  # the action is ignored
+    assert term.all() and info["nfe"].tolist() == [K] * 3 and info["trajectory"].shape == (3, K + 1, 1, 8, 8)
+    assert torch.equal(info["trajectory"][:, 0], x_T)
+    # the same draws through noise mode: the env's generator continues after x_T
+    noise = make(3, model=model, reward="digit_classifier")
+    obs, _ = noise.reset(seed=0)
+    gen = torch.Generator().set_state(noise.generator.get_state())
+    for k in range(K):
+        obs, r_noise, *_, info_noise = noise.step(torch.randn(obs["latent"].shape, generator=gen))
+        torch.testing.assert_close(obs["latent"], info["trajectory"][:, k + 1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(r, r_noise, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="multi-step"):
+        make(2, action_mode="trajectory", dense_reward=True)
