@@ -44,7 +44,7 @@ class DiffusionPolicy(nn.Module):
         self.eta, self.noise_level, self.guidance_scale = float(eta), float(noise_level), float(guidance_scale)
         self.sampler = make_sampler(self.sampler_name, self.backend.scheduler_config, num_steps,
                                     family=self.backend.family, eta=eta, noise_level=noise_level,
-                                    device=self.backend.device)
+                                    device=self.backend.device, **self.backend.sampler_kwargs(num_steps))
         self.denoiser = self.backend.denoiser  # registered so .parameters()/.to() see it
         if lora_path is not None:
             self.lora_config = load_lora(self.denoiser, lora_path)["config"]

@@ -321,7 +321,7 @@ def _discrete_time_grid(scheduler) -> tuple[Tensor, Tensor]:
 
 
 def _make_flow(name: str, scheduler_config: dict, num_steps: int, noise_level: float, device,
-               mu: float | None) -> FlowSampler:
+               mu: float | None, sigmas=None) -> FlowSampler:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
@@ -331,7 +331,12 @@ def _make_flow(name: str, scheduler_config: dict, num_steps: int, noise_level: f
     if scheduler.config.use_dynamic_shifting and mu is None:
         raise ValueError("the flow scheduler config has use_dynamic_shifting=True: pass mu=<float> (the "
                          "resolution-dependent shift the pipeline computes)")
-    scheduler.set_timesteps(num_steps, **({"mu": mu} if scheduler.config.use_dynamic_shifting else {}))
+    if sigmas is not None and len(sigmas) != num_steps:
+        raise ValueError(f"sigmas must hold num_steps={num_steps} values, got {len(sigmas)}")
+    kwargs = {"mu": mu} if scheduler.config.use_dynamic_shifting else {}
+    if sigmas is not None:  # a pipeline's own grid (e.g. FluxPipeline's linspace(1, 1/K, K)), shifted by the scheduler
+        kwargs["sigmas"] = [float(s) for s in sigmas]
+    scheduler.set_timesteps(num_steps, **kwargs)
     sigmas32 = scheduler.sigmas.float().cpu()  # [K+1], last 0
     sigmas = sigmas32.double()
     t, t_next = sigmas[:-1], sigmas[1:]
@@ -346,7 +351,7 @@ def _make_flow(name: str, scheduler_config: dict, num_steps: int, noise_level: f
 
 
 def make_sampler(name: str, scheduler_config: dict, num_steps: int, *, family: str, eta: float = 1.0,
-                 noise_level: float = 0.7, device="cpu", mu: float | None = None) -> Sampler:
+                 noise_level: float = 0.7, device="cpu", mu: float | None = None, sigmas=None) -> Sampler:
     """Build a K-step sampler from a diffusers scheduler config.
 
     Args:
@@ -358,6 +363,7 @@ def make_sampler(name: str, scheduler_config: dict, num_steps: int, *, family: s
         noise_level: Flow-GRPO's a ≥ 0 in s_t = a sqrt(t/(1−t)) (only "flow_sde").
         device: where the tables live.
         mu: the resolution-dependent shift for flow configs with `use_dynamic_shifting` (Flux, SD3.5).
+        sigmas: a custom K-value flow sigma grid before shifting, as a pipeline passes to `set_timesteps`.
     """
     if family not in FAMILY_SAMPLERS:
         raise ValueError(f"unknown model family {family!r}; expected one of {tuple(FAMILY_SAMPLERS)}")
@@ -377,7 +383,8 @@ def make_sampler(name: str, scheduler_config: dict, num_steps: int, *, family: s
         raise ValueError(f"scheduler config of {class_name!r} does not fit family {family!r}")
     num_steps = int(num_steps)
     if family == "flow":
-        return _make_flow(name, scheduler_config, num_steps, noise_level if name == "flow_sde" else 0.0, device, mu)
+        return _make_flow(name, scheduler_config, num_steps, noise_level if name == "flow_sde" else 0.0, device, mu,
+                          sigmas)
     if name == "ddpm":
         return _make_ddpm(scheduler_config, num_steps, device)
     return _make_ddim(name, scheduler_config, num_steps, eta if name == "ddim" else 0.0, device)

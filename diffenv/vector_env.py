@@ -60,6 +60,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self.sampler = make_sampler(
             cfg.sampler_name(self.backend.family), self.backend.scheduler_config, cfg.num_steps,
             family=self.backend.family, eta=cfg.eta, noise_level=cfg.noise_level, device=self.device,
+            **self.backend.sampler_kwargs(cfg.num_steps),
         )
         self.reward_fn = cfg.make_reward(self.device)
         self.condition_set = torch.as_tensor(cfg.condition_ids(self.backend.n_conditions), device=self.device)

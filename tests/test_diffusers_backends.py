@@ -140,7 +140,7 @@ def test_env_noise_mode_reproduces_the_plain_pipeline_with_cfg(folders, family):
     from diffusers import DDIMScheduler
 
     backend = make_backend(folders, family)
-    steps = 1 if family == "flux" else 2  # FluxPipeline's own sigma grid linspace(1, 1/K, K) agrees at K = 1
+    steps = 3  # Flux: the backend hands the env FluxPipeline's own sigma grid, linspace(1, 1/K, K)
     env = DiffusionSteerVectorEnv(num_envs=2, model=backend, reward=None, num_steps=steps, sampler="ode",
                                   guidance_scale=2.0, seed=0)
     obs, _ = env.reset(options={"conditions": [0, 2]})

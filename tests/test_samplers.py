@@ -343,3 +343,19 @@ def test_every_sampler_name_is_buildable():
     for name in SAMPLERS:
         family = "flow" if name == "flow_sde" else "ddpm"
         assert make_sampler(name, FLOW_CONFIG if family == "flow" else ddpm_config(), 2, family=family).name == name
+
+
+def test_custom_flow_sigma_grid_matches_the_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).config
+    grid = [1.0, 0.7, 0.4, 0.1]
+    s = make_sampler("ode", cfg, 4, family="flow", sigmas=grid)
+    ref = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    ref.set_timesteps(4, sigmas=grid)
+    torch.testing.assert_close(s.obs_timesteps, ref.sigmas.float())
+    torch.testing.assert_close(s.model_timesteps, ref.timesteps.float())
+    default = make_sampler("ode", cfg, 4, family="flow")
+    assert not torch.allclose(default.obs_timesteps, s.obs_timesteps)
+    with pytest.raises(ValueError, match="sigmas must hold num_steps=4 values, got 3"):
+        make_sampler("ode", cfg, 4, family="flow", sigmas=grid[:3])

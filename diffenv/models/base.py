@@ -73,6 +73,10 @@ class DiffusionBackend(abc.ABC):
         ``0..n_conditions`` (``n_conditions`` = null). Returns the model output [B, C, H, W] in float32.
         """
 
+    def sampler_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """Extra `make_sampler` arguments the model's own pipeline uses (e.g. Flux's sigma grid)."""
+        return {}
+
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, H, W] -> images [B, C', H', W'] in [0, 1]."""

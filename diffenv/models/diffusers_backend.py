@@ -20,9 +20,8 @@ encoders are then dropped unless `keep_text_encoders=True`. The env state is the
 Flow schedules: a Flux-style config with `use_dynamic_shifting` is resolved here, at the backend's
 resolution: `mu = calculate_shift(image_seq_len, ...)` exactly as the pipeline computes it, then the
 equivalent static shift (`exp(mu)`, or `mu` for `time_shift_type="linear"`) is written into
-`scheduler_config`, so the env's samplers need no `mu`. `FluxPipeline` itself passes a custom sigma grid
-`linspace(1, 1/K, K)`; the env uses the scheduler's default grid instead (the two agree at K = 1 and
-differ slightly in where the low-noise steps fall).
+`scheduler_config`, so the env's samplers need no `mu`. `FluxPipeline` passes a custom sigma grid
+`linspace(1, 1/K, K)`; `sampler_kwargs` hands the same grid to the env's and the policy's samplers.
 
 Precision: weights in `torch_dtype` (fp16/bf16 on GPU), the network output is cast to float32, so all
 transition maths and log-probs stay in float32/float64 (DESIGN §3).
@@ -252,6 +251,12 @@ class DiffusersBackend(DiffusionBackend):
 
     # ------------------------------------------------------------------ prompts
     @torch.no_grad()
+    def sampler_kwargs(self, num_steps: int) -> dict:
+        """FluxPipeline samples on its own grid `linspace(1, 1/K, K)` (before shifting): so does the env."""
+        if self.kind == "flux" and not self.scheduler_config.get("use_flow_sigmas"):
+            return {"sigmas": [1.0 - i * (1.0 - 1.0 / num_steps) / max(1, num_steps - 1) for i in range(num_steps)]}
+        return {}
+
     def set_prompts(self, prompts, negative_prompt: str | None = None, chunk: int = 64) -> None:
         """Encode and cache a prompt set (needs the text encoders); condition ids follow the new set."""
         prompts = load_prompts(prompts)
