@@ -69,8 +69,13 @@ class Algorithm:
         pass
 
 
-def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> dict[str, torch.Tensor]:
-    """PPO-clip (Schulman et al. 2017, eq. 7): `E max(−A ρ, −A clip(ρ, 1 ± ε))` with diagnostics."""
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+                      late_steps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """PPO-clip (Schulman et al. 2017, eq. 7): `E max(−A ρ, −A clip(ρ, 1 ± ε))` with diagnostics.
+
+    `late_steps` (bool [B], per-step algorithms): also report the clip fraction of the early and late
+    denoising steps separately — with exact summed log-probs the low-noise late steps move the ratio most.
+    """
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
@@ -83,4 +88,11 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_ra
             "ratio_max": ratio.max(),
             "clip_frac": ((ratio - 1).abs() > clip_range).float().mean(),
             "approx_kl": ((ratio - 1) - log_ratio).mean(),  # Schulman's k3 estimator of KL(old‖new)
-        }
+        } | ({} if late_steps is None else {
+            "clip_frac_early": _masked_mean(((ratio - 1).abs() > clip_range).float(), ~late_steps),
+            "clip_frac_late": _masked_mean(((ratio - 1).abs() > clip_range).float(), late_steps),
+        })
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)

@@ -58,7 +58,8 @@ class DDPO(Algorithm):
         if self.cfg.reinforce:
             loss = -(items["advantages"] * log_prob).mean()
             return {"loss": loss, "policy_loss": loss.detach()}
-        return clipped_surrogate(log_prob - items["log_probs"], items["advantages"], self.cfg.clip_range)
+        late = items["step_index"] >= self.policy.num_steps // 2
+        return clipped_surrogate(log_prob - items["log_probs"], items["advantages"], self.cfg.clip_range, late)
 
     def state_dict(self):
         return {"stats": self.stats.state_dict()}

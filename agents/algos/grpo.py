@@ -50,7 +50,8 @@ class GRPO(Algorithm):
         x, k, c = items["latents"], items["step_index"], items["conditions"]
         mean, std = self.policy.distribution(x, k, c)
         log_prob = gaussian_log_prob(items["next_latents"], mean, std)
-        out = clipped_surrogate(log_prob - items["log_probs"], items["advantages"], self.cfg.clip_range)
+        late = k >= self.policy.num_steps // 2
+        out = clipped_surrogate(log_prob - items["log_probs"], items["advantages"], self.cfg.clip_range, late)
         if self.cfg.kl_coef > 0:
             with torch.no_grad():
                 ref_mean, _ = self.policy.distribution(x, k, c, reference=True)
