@@ -108,7 +108,8 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         start = time.perf_counter()
         self.policy.eval()
-        rollout = collect_rollout(self.policy, self.env, self.noise_gen)
+        with self.algo.collect_context():
+            rollout = collect_rollout(self.policy, self.env, self.noise_gen)
         with torch.no_grad():
             items = self.algo.prepare(rollout)
         diag: dict[str, list[float]] = {}

@@ -281,3 +281,22 @@ def test_learns_digit_reward(tmp_path, name):
     after = trainer.evaluate(512)["reward_mean"]
     assert before == pytest.approx(0.829, abs=0.01)
     assert after - before > 0.03, (before, after)
+
+
+def test_nft_collects_with_the_old_policy():
+    algo, policy, env = build("nft", "digits-flow")
+    current = [p.detach().clone() for p in algo.params]
+    for e in algo.ema:  # an old policy that differs from θ
+        e.add_(0.05)
+    state = env.generator.get_state()
+    with algo.collect_context():
+        assert all(torch.equal(p, e) for p, e in zip(algo.params, algo.ema))
+        old = rollout_of(policy, env)
+    assert all(torch.equal(p, c) for p, c in zip(algo.params, current)), "θ is restored after collection"
+    env.generator.set_state(state)  # same x_T and noise: only the weights differ
+    new = rollout_of(policy, env)
+    assert torch.equal(old["latents"][:, 0], new["latents"][:, 0])
+    assert not torch.equal(old["latents"][:, -1], new["latents"][:, -1])
+    algo.cfg.collect_with_old = False
+    with algo.collect_context():
+        assert all(torch.equal(p, c) for p, c in zip(algo.params, current))

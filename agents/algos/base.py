@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +59,10 @@ class Algorithm:
 
     def loss(self, items: TensorDict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def collect_context(self):
+        """Context the trainer collects rollouts in (default: the current policy θ)."""
+        return contextlib.nullcontext()
 
     def after_update(self) -> None:
         """Called after every optimizer step (e.g. an EMA old policy)."""

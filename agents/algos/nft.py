@@ -19,8 +19,8 @@ pushes it away, and r = ½ gives a zero gradient (the positive and negative term
 Old policy. v_old comes from an EMA of the LoRA tensors kept here (swapped into the network under
 no_grad in `prepare`, so it is fixed within an epoch, as in the paper's algorithm), updated after
 every optimizer step with decay `min(ema_ramp · steps, ema_decay)` — a ramp from 0 (old = current) in
-the spirit of DiffusionNFT's schedule. Unlike the paper, the trainer collects with θ, not θ_old; with the
-ramped decay the two coincide early and stay close.
+the spirit of DiffusionNFT's schedule. As in the paper, rollouts are collected with θ_old
+(`collect_with_old=True`, via `collect_context`); `False` collects with θ.
 
 ε-models ("ddpm" family): the noising is the model's own DDPM forward process `x_τ = √ᾱ x0 + √(1−ᾱ) ε`
 (τ uniform over the training timesteps) and the residuals are taken in the model's output space
@@ -64,6 +64,8 @@ class NFTConfig(AlgoConfig):
     """final EMA decay of the old policy (0: old = current)"""
     ema_ramp: float = 0.001
     """old-policy decay after n optimizer steps is min(ema_ramp · n, ema_decay)"""
+    collect_with_old: bool = True
+    """collect rollouts with the EMA old policy, as the paper does (False: with the current θ)"""
     seed: int = 0
     """seed of the algorithm's generator for the (t, ε) draws (plus the rank)"""
 
@@ -120,6 +122,10 @@ class DiffusionNFT(Algorithm):
         if self.cfg.kl_coef > 0:
             items["ref_outputs"] = self._outputs(items, reference=True)
         return items
+
+    def collect_context(self):
+        """DiffusionNFT samples with the old (EMA) policy: swap its LoRA tensors in while collecting."""
+        return swapped_in(self.params, self.ema) if self.cfg.collect_with_old else super().collect_context()
 
     def _outputs(self, items: TensorDict, reference: bool = False) -> torch.Tensor:
         return torch.cat([self.process.model_output(mb["latents"], mb["timesteps"], mb["conditions"], reference)
