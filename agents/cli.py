@@ -102,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "train" and a.images < 1:
         print(f"diffenv train: error: --images must be a positive budget, got {a.images}", file=sys.stderr)
         return 2
-    try:
-        return a.func(a)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"diffenv {a.command}: error: {e}", file=sys.stderr)
-        return 2
+    return env_cli.run(a)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from diffenv.config import DEFAULT_SAMPLER
 from diffenv.models import DiffusionBackend, load_backend
 from diffenv.models.lora import (adapter_disabled, add_lora, cast_lora_parameters, load_lora, lora_parameters,
                                  save_lora)
 from diffenv.samplers import gaussian_log_prob, make_sampler
 
-DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "flow_sde"}
 
 
 class DiffusionPolicy(nn.Module):

@@ -125,14 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
+def run(a: argparse.Namespace) -> int:
+    """Run a parsed subcommand; user errors become one clear line on stderr and exit code 2."""
     try:
         return a.func(a)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"diffenv {a.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -245,8 +245,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
             new = mean + std.view(-1, 1, 1, 1) * actions
         self._cached_output = None
         if self.cfg.fork_at is not None:  # the group follows its first member's trajectory until fork_at
-            leader = new.view(-1, self.cfg.group_size, *new.shape[1:])[:, :1].expand_as(
-                new.view(-1, self.cfg.group_size, *new.shape[1:])).reshape(new.shape)
+            leader = new[:: self.cfg.group_size].repeat_interleave(self.cfg.group_size, dim=0)
             new = torch.where((k < self.cfg.fork_at).view(-1, 1, 1, 1), leader, new)
         self.latents = new if active.all() else torch.where(active.view(-1, 1, 1, 1), new, self.latents)
         self.step_index = self.step_index + active
