@@ -10,13 +10,15 @@ import torch
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (Shao et al. 2024; Flow-GRPO): `A_i = (R_i − mean_group) / (std_group + eps)`, [B].
 
-    Population std (no Bessel correction). Zero-mean within every group by construction.
+    Population std (no Bessel correction). Zero-mean within every group up to the rounding of the group
+    mean, divided by `std + eps`; computed in `rewards`' dtype (pass float64 rewards for the exact invariant).
     """
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n = int(inverse.max()) + 1
-    count = torch.zeros(n, device=rewards.device).index_add_(0, inverse, torch.ones_like(rewards))
-    mean = torch.zeros(n, device=rewards.device).index_add_(0, inverse, rewards) / count
-    var = torch.zeros(n, device=rewards.device).index_add_(0, inverse, (rewards - mean[inverse]) ** 2) / count
+    zeros = rewards.new_zeros(n)
+    count = zeros.index_add(0, inverse, torch.ones_like(rewards))
+    mean = zeros.index_add(0, inverse, rewards) / count
+    var = zeros.index_add(0, inverse, (rewards - mean[inverse]) ** 2) / count
     return (rewards - mean[inverse]) / (var.sqrt()[inverse] + eps)
 
 
