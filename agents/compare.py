@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from agents.algos import ALGORITHMS
 from agents.compare_report import read_log, write_outputs
+from diffenv.paths import safe_name
 
 #: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
 GENERIC_LEARNERS = ("sb3_ppo",)
@@ -53,6 +54,7 @@ class Task:
     algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
+        safe_name(self.name, "task name")  # names runs/<name>/, cache entries and grids_<name>.png
         known = sorted(ALGORITHMS) + list(GENERIC_LEARNERS)
         bad = [a for a in self.algos if a not in known]
         if bad:
@@ -61,6 +63,9 @@ class Task:
             raise ValueError(f"task {self.name!r}: budgets must be >= 1 and best_of_n >= 2")
         if any(w < 0 for w in self.cfg_scales):
             raise ValueError(f"task {self.name!r}: guidance scales must be >= 0, got {self.cfg_scales}")
+        bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int)]
+        if bad:  # a seed names its run folder seed<seed>
+            raise ValueError(f"task {self.name!r}: seeds {bad} are not ints; expected a list of ints")
 
 
 def load_tasks(path: str | Path, quick: bool = False) -> list[Task]:
@@ -88,6 +93,9 @@ def load_tasks(path: str | Path, quick: bool = False) -> list[Task]:
         tasks.append(task)
     if not tasks:
         raise ValueError(f"{path} defines no [[task]] tables")
+    names = [t.name for t in tasks]
+    if len(set(names)) < len(names):  # they would share run folders and cached entries
+        raise ValueError(f"{path}: task names {names} repeat; expected a distinct name per [[task]]")
     return tasks
 
 
@@ -133,6 +141,8 @@ def eval_best_of_n(task: Task, n_candidates: int):
 # ---------------------------------------------------------------------- the runner
 class Comparison:
     def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True):
+        for task in tasks:
+            task.validate()
         self.tasks, self.out, self.progress = tasks, Path(out), progress
         (self.out / "cache").mkdir(parents=True, exist_ok=True)
 
@@ -158,7 +168,7 @@ class Comparison:
         return rows
 
     def run_dir(self, task: Task, algo: str, seed: int) -> Path:
-        return self.out / "runs" / task.name / algo / f"seed{seed}"
+        return self.out / "runs" / safe_name(task.name, "task name") / safe_name(algo, "algo") / f"seed{int(seed)}"
 
     def train(self, task: Task, algo: str, seed: int) -> None:
         """Train one run through every budget, keeping a LoRA snapshot at each (resumable)."""

@@ -86,3 +86,26 @@ def test_bad_compare_configs(tmp_path):
         load_tasks(cfg)
     with pytest.raises(FileNotFoundError):
         load_tasks(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/tmp/x", "a/b", "..", ""])
+def test_task_names_cannot_leave_the_output_folder(tmp_path, name):
+    from agents.compare import Comparison, Task
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[task]]\nname = "{name}"\nalgos = ["grpo"]\n')
+    with pytest.raises(ValueError, match=r"task name=.*: expected a non-empty name without '/'"):
+        load_tasks(cfg)
+    with pytest.raises(ValueError, match=r"task name="):  # the Python API checks too, before any work
+        Comparison([Task(name=name, algos=["grpo"])], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_config_seeds_and_names(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[task]]\nname = "t"\nseeds = ["../x"]\n')
+    with pytest.raises(ValueError, match=r"seeds \['\.\./x'\] are not ints"):
+        load_tasks(cfg)
+    cfg.write_text('[[task]]\nname = "t"\n[[task]]\nname = "t"\n')
+    with pytest.raises(ValueError, match=r"task names \['t', 't'\] repeat"):
+        load_tasks(cfg)

@@ -17,6 +17,7 @@ from torch import nn
 
 from diffenv.data import to_unit
 from diffenv.models.base import DiffusionBackend
+from diffenv.paths import safe_name
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED_MODELS = ("digits-eps", "digits-flow")
@@ -29,7 +30,7 @@ class EmbeddedDigitsBackend(DiffusionBackend):
     def __init__(self, name: str = "digits-eps", device: str | torch.device = "cpu", path: str | Path | None = None):
         from diffusers import UNet2DModel
 
-        folder = Path(path) if path is not None else WEIGHTS_DIR / name
+        folder = Path(path) if path is not None else WEIGHTS_DIR / safe_name(name, "model")
         meta_file = folder / BACKEND_FILE
         if not meta_file.is_file():
             raise FileNotFoundError(
