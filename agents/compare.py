@@ -31,6 +31,7 @@ from diffenv.paths import safe_name
 #: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
 GENERIC_LEARNERS = ("sb3_ppo",)
 SB3_PPO_DEFAULTS = dict(num_envs=32, n_epochs=2, batch_size=48, lr=1e-3, lora_rank=8, chunk_images=256)
+SB3_STATE = "sb3_ppo.safetensors"  # the SB3 run's weights-only training state (agents.sb3.save_training_state)
 QUICK = dict(eval_images=100, budgets=[32], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)
 
 
@@ -189,26 +190,34 @@ class Comparison:
             shutil.copyfile(run / LORA, snap)
 
     def train_sb3_ppo(self, task: Task, seed: int, run: Path) -> None:
-        """Stable-Baselines3's own PPO fine-tuning the LoRA through `DiffusionActorCriticPolicy` (latent mode)."""
+        """Stable-Baselines3's own PPO fine-tuning the LoRA through `DiffusionActorCriticPolicy` (latent mode).
+
+        The run resumes from `sb3_ppo.safetensors` (weights, optimizer state, counters: no pickle), never
+        from an SB3 `.zip`, whose loading unpickles whatever the run folder holds.
+        """
         from stable_baselines3 import PPO
 
-        from agents.sb3 import DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv
+        from agents.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, load_training_state,
+                                save_training_state)
 
         opts = {**SB3_PPO_DEFAULTS, **task.algo_overrides.get("sb3_ppo", {})}
-        k, run_zip = task.num_steps, run / "ppo.zip"
+        k, state = task.num_steps, run / SB3_STATE
         if all((run / f"lora_{b}.safetensors").is_file() for b in task.budgets):
             return
+        if (run / "ppo.zip").exists() and not state.is_file():
+            raise ValueError(f"{run / 'ppo.zip'} is a Stable-Baselines3 pickle (from an older diffenv compare) and is "
+                             f"never loaded: unpickling a file can run code. Delete {run} to train this run again "
+                             f"(its state is now kept in {SB3_STATE})")
         run.mkdir(parents=True, exist_ok=True)
         venv = DiffusionSteerSB3VecEnv(opts["num_envs"], seed=seed, model=task.model, reward=task.reward,
                                        num_steps=k, action_mode="latent")
-        if run_zip.is_file():
-            model = PPO.load(run_zip, env=venv, device="cpu")
-        else:
-            model = PPO(DiffusionActorCriticPolicy, venv, n_steps=k, batch_size=opts["batch_size"],
-                        n_epochs=opts["n_epochs"], learning_rate=opts["lr"], gamma=1.0, gae_lambda=0.95,
-                        max_grad_norm=1.0, seed=seed, device="cpu",
-                        policy_kwargs={"diffusion_kwargs": dict(model=task.model, num_steps=k,
-                                                                lora_rank=opts["lora_rank"])})
+        model = PPO(DiffusionActorCriticPolicy, venv, n_steps=k, batch_size=opts["batch_size"],
+                    n_epochs=opts["n_epochs"], learning_rate=opts["lr"], gamma=1.0, gae_lambda=0.95,
+                    max_grad_norm=1.0, seed=seed, device="cpu",
+                    policy_kwargs={"diffusion_kwargs": dict(model=task.model, num_steps=k,
+                                                            lora_rank=opts["lora_rank"])})
+        if state.is_file():
+            load_training_state(model, state)
         log, start = run / "log.csv", time.perf_counter()
         for budget in sorted(task.budgets):
             while model.num_timesteps // k < budget:
@@ -222,7 +231,7 @@ class Comparison:
                 with log.open("a") as f:
                     f.write(",".join(row) + "\n" if new else "")
                     f.write(",".join(str(v) for v in row.values()) + "\n")
-            model.save(run_zip)
+            save_training_state(model, state)
             model.policy.diffusion.save_lora(run / f"lora_{budget}.safetensors")
 
     def rl_rows(self, task: Task) -> list[dict]:

@@ -15,7 +15,10 @@ Fine-tuning the model itself (latent mode, DDPO-style, with SB3's GAE critic):
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -40,7 +43,8 @@ DEFAULT_ACTION_BOUND = {"noise": 3.0, "initial_noise": 3.0, "latent": 10.0}
 
 __all__ = [
     "DEFAULT_ACTION_BOUND", "ClipToBox", "DiffusionActorCriticPolicy", "DiffusionSteerSB3VecEnv",
-    "DiffusionStepDistribution", "LatentFeaturesExtractor", "evaluate", "latent_policy_kwargs", "make_single_env",
+    "DiffusionStepDistribution", "LatentFeaturesExtractor", "evaluate", "latent_policy_kwargs",
+    "load_training_state", "make_single_env", "save_training_state",
 ]
 
 
@@ -305,3 +309,72 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
 
     def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
         return self._action_distribution(observation).get_actions(deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------------------- weights-only state
+
+#: `format` metadata of `save_training_state` files
+TRAINING_STATE_FORMAT = "diffenv-sb3-training-state-v1"
+
+
+def save_training_state(model, path: str | os.PathLike) -> Path:
+    """Weights-only snapshot of an SB3 algorithm, to continue training it: one safetensors file (atomic).
+
+    Unlike `model.save` (a zip whose `data` entry is unpickled by `PPO.load`, so a crafted file runs
+    code), this holds only tensors — the policy's `state_dict` (`policy.*`) and its optimizer's
+    state (`optimizer.<param index>.<name>`) — and plain JSON metadata (the timestep and update
+    counters). Read it back with `load_training_state` into an algorithm built with the same arguments.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # clone: SB3 shares the features extractor between actor and critic, and safetensors refuses shared storage
+    tensors = {f"policy.{k}": v.detach().cpu().clone() for k, v in model.policy.state_dict().items()}
+    for index, state in model.policy.optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().clone()
+    counters = {"num_timesteps": int(model.num_timesteps), "n_updates": int(getattr(model, "_n_updates", 0))}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": TRAINING_STATE_FORMAT, "counters": json.dumps(counters)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_training_state(model, path: str | os.PathLike) -> None:
+    """Load a `save_training_state` file into `model` (built with the arguments it was saved with).
+
+    Only safetensors and JSON are parsed (no pickle). Raises `ValueError` naming the file when it is
+    not such a snapshot or does not fit `model`'s policy and optimizer.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        counters = json.loads(meta.get("counters", "null"))
+    except Exception as e:  # safetensors raises its own error types on corrupt headers
+        raise ValueError(f"{path} is not a readable SB3 training state (safetensors + JSON): {e}") from e
+    if meta.get("format") != TRAINING_STATE_FORMAT or not isinstance(counters, dict) or not all(
+            isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("num_timesteps", "n_updates")):
+        raise ValueError(f"{path} has format {meta.get('format')!r} and counters {counters!r}; expected format "
+                         f"{TRAINING_STATE_FORMAT!r} with int num_timesteps and n_updates >= 0")
+    policy_state = {k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")}
+    try:
+        model.policy.load_state_dict(policy_state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit this policy (another model or LoRA rank?): {e}") from e
+    optimizer = model.policy.optimizer.state_dict()
+    params = [p for group in model.policy.optimizer.param_groups for p in group["params"]]
+    optimizer["state"] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            if not index.isdigit() or int(index) >= len(params) or (
+                    value.dim() and value.shape != params[int(index)].shape):
+                raise ValueError(f"{path}: optimizer entry {key!r} {tuple(value.shape)} does not fit this optimizer "
+                                 f"({len(params)} parameters); expected the settings it was saved with")
+            optimizer["state"].setdefault(int(index), {})[name] = value
+    model.policy.optimizer.load_state_dict(optimizer)
+    model.num_timesteps, model._n_updates = counters["num_timesteps"], counters["n_updates"]

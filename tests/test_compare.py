@@ -109,3 +109,70 @@ def test_compare_config_seeds_and_names(tmp_path):
     cfg.write_text('[[task]]\nname = "t"\n[[task]]\nname = "t"\n')
     with pytest.raises(ValueError, match=r"task names \['t', 't'\] repeat"):
         load_tasks(cfg)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes `marker` (what a crafted `ppo.zip` could do with os.system)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+def malicious_sb3_zip(path: Path, marker: Path) -> Path:
+    """An SB3 save file whose `data` entry carries a cloudpickle payload, as `PPO.load` reads it."""
+    import base64
+    import json
+    import pickle
+    import zipfile
+
+    blob = base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    data = {"policy_class": {":type:": "<class 'type'>", ":serialized:": blob}}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("data", json.dumps(data))
+    return path
+
+
+def sb3_task(budgets):
+    from agents.compare import Task
+
+    return Task(name="t", model="digits-flow", num_steps=3, algos=["sb3_ppo"], budgets=budgets, seeds=[0],
+                algo_overrides={"sb3_ppo": dict(num_envs=4, batch_size=12, n_epochs=1, chunk_images=4, lora_rank=2)})
+
+
+def test_the_malicious_zip_runs_code_under_ppo_load(tmp_path):
+    """The attack the compare tests guard against is real: SB3's own loader executes the payload."""
+    from stable_baselines3 import PPO
+
+    marker = tmp_path / "marker"
+    with pytest.raises(Exception):
+        PPO.load(malicious_sb3_zip(tmp_path / "ppo.zip", marker), device="cpu")
+    assert marker.read_text() == "pwned"
+
+
+def test_compare_never_unpickles_a_run_folders_ppo_zip(tmp_path):
+    from agents.compare import SB3_STATE, Comparison
+
+    task, marker = sb3_task([4]), tmp_path / "marker"
+    cmp = Comparison([task], tmp_path / "out", progress=False)
+    run = cmp.run_dir(task, "sb3_ppo", 0)
+    run.mkdir(parents=True)
+    malicious_sb3_zip(run / "ppo.zip", marker)
+    with pytest.raises(ValueError, match=r"ppo\.zip is a Stable-Baselines3 pickle .* never loaded"):
+        cmp.train(task, "sb3_ppo", 0)  # a folder with only an SB3 zip: refused, not resumed from it
+    assert not marker.exists()
+
+    (run / "ppo.zip").unlink()
+    cmp.train(task, "sb3_ppo", 0)  # trains to 4 images, keeping a weights-only state
+    assert (run / "lora_4.safetensors").is_file() and not (run / "ppo.zip").exists()
+    with open(run / SB3_STATE, "rb") as f:  # safetensors: an 8-byte header length, then a JSON header
+        assert f.read(9)[8:] == b"{"
+    malicious_sb3_zip(run / "ppo.zip", marker)
+    task2 = sb3_task([4, 8])
+    Comparison([task2], tmp_path / "out", progress=False).train(task2, "sb3_ppo", 0)  # resumes at 4 images
+    assert not marker.exists()
+    log = list(csv.DictReader((run / "log.csv").open()))
+    assert [int(r["images_seen"]) for r in log] == [4, 8]  # continued from the saved counters
+    assert (run / "lora_8.safetensors").is_file()

@@ -106,3 +106,31 @@ def test_diffusion_policy_learns_saves_and_loads(tmp_path):
     assert actions.shape == (8, 1, 8, 8) and values.shape == (8, 1) and torch.isfinite(log_prob).all()
     _, lp, _ = loaded.policy.evaluate_actions(obs_t, actions.reshape(8, -1))
     torch.testing.assert_close(lp, log_prob)
+
+
+def test_training_state_round_trip_is_weights_only(tmp_path):
+    from agents.sb3 import load_training_state, save_training_state
+
+    def make(lora_rank=2):
+        venv = DiffusionSteerSB3VecEnv(4, action_mode="latent", seed=0, **ENV)
+        return PPO(DiffusionActorCriticPolicy, venv, n_steps=3, batch_size=12, n_epochs=1, seed=0, device="cpu",
+                   policy_kwargs={"diffusion_kwargs": dict(lora_rank=lora_rank, **ENV)})
+
+    model = make()
+    model.learn(12)
+    path = save_training_state(model, tmp_path / "state.safetensors")
+    loaded = make()
+    load_training_state(loaded, path)
+    assert (loaded.num_timesteps, loaded._n_updates) == (model.num_timesteps, model._n_updates) == (12, 1)
+    for (name, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved, restored = model.policy.optimizer.state_dict()["state"], loaded.policy.optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys()
+    for i in saved:
+        for k in saved[i]:
+            assert torch.equal(torch.as_tensor(saved[i][k]), torch.as_tensor(restored[i][k])), (i, k)
+    with pytest.raises(ValueError, match="does not fit this policy"):
+        load_training_state(make(lora_rank=4), path)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(ValueError, match="is not a readable SB3 training state"):
+        load_training_state(make(), tmp_path / "junk.safetensors")
