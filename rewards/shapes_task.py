@@ -137,6 +137,21 @@ def split_prompts(split: str = "train") -> list[str]:
     return [p for p in prompts if (p in held) == (split == "heldout")]
 
 
+def sample_prompts(n: int, rng: np.random.Generator, split: str = "train") -> list[str]:
+    """n prompts of `split`: a kind uniformly, then a prompt of that kind uniformly (relation prompts would
+    otherwise be 86 % of the data)."""
+    by_kind: dict[str, list[str]] = {k: [] for k in KINDS}
+    for p in split_prompts(split):
+        by_kind[parse_prompt(p).kind].append(p)
+    kinds = rng.integers(0, len(KINDS), n)
+    return [by_kind[KINDS[k]][rng.integers(len(by_kind[KINDS[k]]))] for k in kinds]
+
+
+def model_prompts() -> list[str]:
+    """The condition set of the embedded `shapes` model: the train split, then the held-out split."""
+    return split_prompts("train") + split_prompts("heldout")
+
+
 def kind_of(text: str) -> str:
     return parse_prompt(text).kind
 

@@ -16,7 +16,7 @@ binding/relation prompts are never seen), prompts drawn uniformly over the four 
   branches; the EMA of the weights (UNet and text encoder) is saved.
 
 The pipeline folder (`diffenv/models/weights/shapes/`) loads with `StableDiffusionPipeline.from_pretrained`
-and carries `prompts_train.txt` / `prompts_heldout.txt` and `training.json` (the recipe and wall times).
+and carries `prompts.txt` (the condition set, with `# split: train` / `# split: heldout` sections) and `training.json` (the recipe and wall times).
 """
 
 from __future__ import annotations
@@ -52,18 +52,9 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_
 
 
 # ---------------------------------------------------------------------------------------------- data
-def sample_prompts(n: int, rng: np.random.Generator, split: str = "train") -> list[str]:
-    """n prompts of `split`: a kind uniformly, then a prompt of that kind uniformly."""
-    by_kind: dict[str, list[str]] = {k: [] for k in task.KINDS}
-    for p in task.split_prompts(split):
-        by_kind[task.kind_of(p)].append(p)
-    kinds = rng.integers(0, len(task.KINDS), n)
-    return [by_kind[task.KINDS[k]][rng.integers(len(by_kind[task.KINDS[k]]))] for k in kinds]
-
-
 def rendered_batch(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
     """n training images in [-1, 1] [n, 3, 32, 32] with their prompts."""
-    prompts = sample_prompts(n, rng)
+    prompts = task.sample_prompts(n, rng)
     images, _ = task.render(prompts, seed=int(rng.integers(2**31)))
     return torch.from_numpy(images) * 2 - 1, prompts
 
@@ -261,8 +252,10 @@ def assemble(work: Path, out: Path, stats: dict) -> Path:
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    lines = ["# The shapes task's prompts (rewards.shapes_task); condition id = line order, train split first."]
     for split in ("train", "heldout"):
-        (out / f"prompts_{split}.txt").write_text("\n".join(task.split_prompts(split)) + "\n")
+        lines += [f"# split: {split}", *task.split_prompts(split)]
+    (out / "prompts.txt").write_text("\n".join(lines) + "\n")
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"saved {out}")
     return out
@@ -271,7 +264,8 @@ def assemble(work: Path, out: Path, stats: dict) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", choices=("vae", "unet", "all"), default="all", help="what to train")
+    p.add_argument("--stage", choices=("vae", "unet", "assemble", "all"), default="all",
+                   help="what to train ('assemble' only rewrites the pipeline folder from --work)")
     p.add_argument("--vae-steps", type=int, default=1500, help="autoencoder optimizer steps")
     p.add_argument("--vae-batch-size", type=int, default=64, help="autoencoder batch size")
     p.add_argument("--unet-steps", type=int, default=4000, help="UNet + text encoder optimizer steps")
@@ -296,6 +290,7 @@ def main(argv=None) -> None:
                                    a.n_data, a.seed, a.work)
         stats["threads"] = a.threads
         stats_file.write_text(json.dumps(stats, indent=2))
+    if a.stage in ("unet", "assemble", "all"):
         assemble(a.work, a.out, stats)
 
 
