@@ -304,15 +304,16 @@ class DiffusionSteerVectorEnv(VectorEnv):
         return torch.where(terminated.view(-1, 1, 1, 1), self.latents, x0_hat)
 
     # ------------------------------------------------------------------ views
+    # Copies: a caller editing an observation or info tensor in place must not change the env's state.
     def _observation(self) -> dict[str, torch.Tensor]:
         if self.cfg.action_mode in ONE_STEP_MODES:
             t = torch.where(self.step_index > 0, 0.0, 1.0)
         else:
             t = self.sampler.obs_timesteps[self.step_index]
-        return {"latent": self.latents, "timestep": t.view(-1, 1).float(), "condition": self.conditions}
+        return {"latent": self.latents.clone(), "timestep": t.view(-1, 1).float(), "condition": self.conditions.clone()}
 
     def _info(self) -> dict[str, Any]:
-        return {"nfe": self.nfe, "step_index": self.step_index}
+        return {"nfe": self.nfe.clone(), "step_index": self.step_index.clone()}
 
     def close_extras(self, **kwargs: Any) -> None:
         self._started = False

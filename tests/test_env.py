@@ -321,3 +321,28 @@ def test_trajectory_mode_runs_the_stochastic_sampler_in_one_step(model):
     torch.testing.assert_close(r, r_noise, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="multi-step"):
         make(2, action_mode="trajectory", dense_reward=True)
+
+
+@pytest.mark.parametrize("autoreset_mode", ["next_step", "same_step"])
+def test_observations_and_info_do_not_alias_env_state(autoreset_mode):
+    """Editing what reset/step returned, in place, must not change the env (vector and single env)."""
+    edited, reference = make(4, autoreset_mode=autoreset_mode), make(4, autoreset_mode=autoreset_mode)
+    out, ref = edited.reset(seed=3), reference.reset(seed=3)
+    actions = torch.randn(K + 2, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for a in actions:  # past the end of an episode: autoreset and same_step's final_obs too
+        obs, info = out[0], out[-1]
+        for tensor in (*obs.values(), *info.values(), *info.get("final_obs", {}).values()):
+            if isinstance(tensor, torch.Tensor):
+                tensor.fill_(7)  # latents, condition ids and step counters alike
+        out, ref = edited.step(a), reference.step(a)
+        for key in ("latent", "timestep", "condition"):
+            assert torch.equal(out[0][key], ref[0][key]), key
+        assert torch.equal(out[-1]["nfe"], ref[-1]["nfe"]) and torch.equal(out[-1]["step_index"], ref[-1]["step_index"])
+
+    single, single_ref = (gym.make("DiffusionSteer-v0", num_steps=K, reward=None) for _ in range(2))
+    obs, _ = single.reset(seed=5)
+    obs_ref, _ = single_ref.reset(seed=5)
+    for _ in range(K):
+        obs["latent"][...] = 7
+        obs, obs_ref = single.step(np.zeros((1, 8, 8), np.float32))[0], single_ref.step(np.zeros((1, 8, 8), np.float32))[0]
+        np.testing.assert_array_equal(obs["latent"], obs_ref["latent"])
