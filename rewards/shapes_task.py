@@ -152,6 +152,22 @@ def model_prompts() -> list[str]:
     return split_prompts("train") + split_prompts("heldout")
 
 
+#: the evaluation prompt set: (kind, split) -> number of prompts; 50 prompts, so 1,000 images = 20 per prompt
+EVAL_GROUPS = {("single", "train"): 10, ("counting", "train"): 10, ("binding", "train"): 5,
+               ("binding", "heldout"): 5, ("relation", "train"): 10, ("relation", "heldout"): 10}
+
+
+def eval_prompts() -> list[str]:
+    """A fixed evaluation set spanning every kind, on training and on held-out prompts (`EVAL_GROUPS`), so that
+    a benchmark reports accuracy per kind and split and diversity among images of one prompt."""
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    out: list[str] = []
+    for (kind, split), n in EVAL_GROUPS.items():
+        group = [p for p in split_prompts(split) if parse_prompt(p).kind == kind]
+        out += [group[i] for i in sorted(rng.choice(len(group), n, replace=False))]
+    return out
+
+
 def kind_of(text: str) -> str:
     return parse_prompt(text).kind
 

@@ -3,7 +3,8 @@ UNet) trained in this repo on the shapes task (`rewards.shapes_task`, `python -m
 
 `load_backend("shapes")` is the packaged pipeline folder behind the ordinary `sd:` backend: the condition set is
 the folder's `prompts.txt` (the 1,155 training prompts, then the 276 held-out ones, as the `train` and
-`heldout` splits), the env samples the `train` split unless `conditions` says otherwise, and the default is
+`heldout` splits, plus `eval`: the 50 prompts of `shapes_task.eval_prompts()` over every kind and both splits),
+the env samples the `train` split unless `conditions` says otherwise, and the default is
 20 DDIM steps. The same folder loads in plain diffusers: `StableDiffusionPipeline.from_pretrained(SHAPES_DIR)`.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from diffenv.models.embedded import WEIGHTS_DIR
+from rewards.shapes_task import eval_prompts
 
 SHAPES_DIR = WEIGHTS_DIR / "shapes"
 SHAPES_MODELS = ("shapes",)
@@ -35,6 +37,8 @@ def load_shapes_backend(name: str = "shapes", device: str | torch.device = "cpu"
                          f"your own prompts")
     backend = DiffusersBackend.load(f"sd:{folder}", prompts=folder / "prompts.txt", device=device, **backend_kwargs)
     backend.name = name
+    index = {p: i for i, p in enumerate(backend.condition_names)}
+    backend.condition_splits = {**backend.condition_splits, "eval": [index[p] for p in eval_prompts()]}
     backend.default_conditions = list(backend.condition_splits["train"])
     backend.default_num_steps = DEFAULT_NUM_STEPS
     return backend
