@@ -37,8 +37,10 @@ class DiffusionSteerEnv(gym.Env):
     | `"initial_noise"` | x_T | one-step episode: the whole deterministic (`"ode"`) sampler from x_T |
     | `"trajectory"` | ignored | one-step episode: the whole stochastic sampler from the env's x_T with the supplied `model` (e.g. a policy's LoRA backend); `info["trajectory"]` holds x_T … x_0 (for DiffusionNFT / FDFO-style learners that need only samples) |
 
-    Steps where σ_t = 0 (e.g. DDIM's last step) ignore the noise action. With `action_bound=b` the
-    noise / initial-noise space is `[−b, b]` and actions are clamped to it (DSRL's implicit regulariser).
+    Steps where σ_t = 0 (e.g. DDIM's last step) ignore the noise action. In the noise, initial-noise and
+    trajectory modes the box is `[−b, b]` with `b = action_bound` and actions are clamped to it; the
+    default b = 8 is finite (as Stable-Baselines3 requires) yet never binds in practice, and a small b is
+    DSRL's implicit regulariser. `"latent"` actions are unbounded.
 
     ## Observation space
     `Dict(latent: Box(C, H, W) float32, timestep: Box((1,), 0..1) = t / T_train, condition: Discrete(n))`.
@@ -76,12 +78,13 @@ class DiffusionSteerEnv(gym.Env):
     | `fork_at` | None | the group follows one trajectory until step `fork_at`, then branches (implies share_noise) |
     | `dense_reward` | False | the shaping above |
     | `device`, `seed` | `"cpu"`, None | torch device of all state; generator seed (`reset(seed=...)` reseeds) |
+    | `action_bound` | 8.0 | half-width b of the noise / initial-noise box (see the action space); `math.inf`: no box. A coordinate of ε ~ N(0, I) exceeds 8 with probability erfc(8/√2) ≈ 1.2e-15, so the default leaves the base sampler exact (expected clamps ≈ 0.004 over 10⁶ SDXL images × 50 steps × 65,536 latent dims); SAC-style squashed policies want a small b (e.g. 1.5) |
     | `model_kwargs` | None | backend options, e.g. `{"prompts": "prompts.txt", "torch_dtype": "fp16"}` for `"sd:PATH"` |
 
     `reset(options={"conditions": ids})` fixes the conditions of the next episode.
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version; `action_bound` now defaults to 8 (was unbounded), so SB3 takes the env as is.
     """
 
     metadata = {"render_modes": []}

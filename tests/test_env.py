@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ def rollout(env, seed=0, noise_seed=1, conditions=None):
     observations, rewards, actions = [obs["latent"].clone()], [], []
     for _ in range(env.episode_length):
         a = torch.randn(obs["latent"].shape, generator=gen)
+        assert a.abs().max() < env.single_action_space.high.max()  # the default box (±8) never binds: exact sampler
         actions.append(a)
         obs, r, term, trunc, info = env.step(a)
         observations.append(obs["latent"].clone())
@@ -240,6 +243,17 @@ def test_action_bound_clamps_noise():
     env.reset(seed=0), ref.reset(seed=0)
     a = torch.full((2, 1, 8, 8), 5.0)
     assert torch.equal(env.step(a)[0]["latent"], ref.step(a.clamp(-1, 1))[0]["latent"])
+
+
+def test_default_action_box_is_finite_and_far_in_the_gaussian_tail():
+    """SB3 needs a finite box; the default ±8 leaves ε ~ N(0, I) unclamped (see `diffenv.env`'s table)."""
+    assert math.erfc(8 / math.sqrt(2)) < 1.3e-15  # P(|ε_i| > 8)
+    for mode in ("noise", "initial_noise", "trajectory"):
+        space = make(2, action_mode=mode).single_action_space
+        assert (space.low == -8.0).all() and (space.high == 8.0).all(), mode
+    assert gym.make("DiffusionSteer-v0", num_steps=3).action_space == gym.spaces.Box(-8, 8, (1, 8, 8), np.float32)
+    assert np.isinf(make(2, action_mode="latent").single_action_space.high).all()  # latents are not noise
+    assert np.isinf(make(2, action_bound=math.inf).single_action_space.high).all()  # no box, on request
 
 
 def test_reset_options_fix_conditions():

@@ -27,6 +27,21 @@ def test_sb3_check_env_single(mode):
         check_env(env)
 
 
+def test_sb3_ppo_takes_the_registered_env_as_is():
+    """`PPO("MultiInputPolicy", gym.make("DiffusionSteer-v0"))` with no extra arguments, and a short run."""
+    import gymnasium as gym
+
+    import diffenv  # noqa: F401  (registers the env)
+
+    PPO("MultiInputPolicy", gym.make("DiffusionSteer-v0"))  # SB3's defaults (n_steps=2048): build only
+    env = gym.make("DiffusionSteer-v0", **ENV)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "normalise the action box" / "latent looks like an image" hints
+        check_env(env)
+    model = PPO("MultiInputPolicy", env, n_steps=2 * K, batch_size=2 * K, n_epochs=1, seed=0).learn(2 * K)
+    assert model.num_timesteps == 2 * K
+
+
 def test_infinite_bound_rejected():
     with pytest.raises(ValueError, match="finite"):
         DiffusionSteerSB3VecEnv(2, action_bound=float("inf"), **ENV)
