@@ -27,10 +27,37 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, scale: int = 4, pa
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4) -> Path:
-    from PIL import Image
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4,
+              captions: list[str] | None = None, caption_width: int = 20) -> Path:
+    """Write a PNG grid of images [N, C, H, W] in [0, 1]; `captions` (one per image) are printed under each image,
+    wrapped at `caption_width` characters."""
+    from PIL import Image, ImageDraw, ImageFont
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, nrow=nrow, scale=scale)).save(path)
+    if captions is None:
+        Image.fromarray(image_grid(images, nrow=nrow, scale=scale)).save(path)
+        return path
+    if len(captions) != len(images):
+        raise ValueError(f"got {len(captions)} captions for {len(images)} images; expected one per image")
+    import textwrap
+
+    font = ImageFont.load_default()
+    lines = [textwrap.wrap(c, caption_width) or [""] for c in captions]
+    line_h, pad = 11, 2
+    h, w = images.shape[2] * scale, images.shape[3] * scale
+    cell_w = max(w, 6 * caption_width) + 3 * pad  # a white gutter between tiles
+    cell_h = h + pad + line_h * max(len(x) for x in lines) + pad
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    ncol = math.ceil(len(images) / nrow)
+    canvas = Image.new("RGB", (nrow * cell_w, ncol * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    tiles = image_grid(images, nrow=1, scale=scale, pad=0).reshape(len(images), h, w, 3)
+    for i, (tile, text) in enumerate(zip(tiles, lines)):
+        r, c = divmod(i, nrow)
+        x0, y0 = c * cell_w, r * cell_h
+        canvas.paste(Image.fromarray(tile), (x0 + (cell_w - w) // 2, y0))
+        for j, line in enumerate(text):
+            draw.text((x0 + pad, y0 + h + pad + j * line_h), line, fill="black", font=font)
+    canvas.save(path)
     return path
