@@ -24,34 +24,40 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from agents.algos import ALGORITHMS
+from agents.algos import ALGORITHMS, make_algorithm_config
 from agents.compare_report import read_log, write_outputs
+from agents.trainer import check_budget
 from diffenv.paths import safe_name
+from diffenv.validation import SEED, bounds, validate_fields
 
 #: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
 GENERIC_LEARNERS = ("sb3_ppo",)
 SB3_PPO_DEFAULTS = dict(num_envs=32, n_epochs=2, batch_size=48, lr=1e-3, lora_rank=8, chunk_images=256)
 SB3_STATE = "sb3_ppo.safetensors"  # the SB3 run's weights-only training state (agents.sb3.save_training_state)
-QUICK = dict(eval_images=100, budgets=[32], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)
+QUICK = dict(eval_images=100, budgets=[64], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)
 
 
 @dataclass
 class Task:
+    """One task of a comparison; types and ranges are checked by `diffenv.validation` (field metadata)."""
+
     name: str
     model: str = "digits-eps"
-    reward: str = "digit_classifier"
-    num_steps: int = 10
+    reward: Any = "digit_classifier"
+    """a reward name or a {name: weight} table"""
+    num_steps: int = field(default=10, metadata=bounds(ge=1))
     sampler: str | None = None
     """evaluation sampler for every entry (None: the model's default)"""
-    cfg_scales: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    best_of_n: list[int] = field(default_factory=lambda: [2, 4])
+    cfg_scales: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0], metadata=bounds(ge=0))
+    best_of_n: list[int] = field(default_factory=lambda: [2, 4], metadata=bounds(ge=2))
     algos: list[str] = field(default_factory=lambda: sorted(ALGORITHMS))
-    budgets: list[int] = field(default_factory=lambda: [5000, 20000, 50000])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    eval_images: int = 1000
-    eval_seed: int = 0
-    probe_every: int = 5
-    probe_images: int = 200
+    budgets: list[int] = field(default_factory=lambda: [1024, 4096, 16384], metadata=bounds(ge=1))
+    """images per run at which a snapshot is evaluated: multiples of each algorithm's images_per_epoch"""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=SEED)
+    eval_images: int = field(default=1000, metadata=bounds(ge=2))
+    eval_seed: int = field(default=0, metadata=SEED)
+    probe_every: int = field(default=5, metadata=bounds(ge=0))
+    probe_images: int = field(default=200, metadata=bounds(ge=2))
     algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -60,13 +66,17 @@ class Task:
         bad = [a for a in self.algos if a not in known]
         if bad:
             raise ValueError(f"task {self.name!r}: unknown algos {bad}; expected some of {known}")
-        if any(b < 1 for b in self.budgets) or any(n < 2 for n in self.best_of_n):
-            raise ValueError(f"task {self.name!r}: budgets must be >= 1 and best_of_n >= 2")
-        if any(w < 0 for w in self.cfg_scales):
-            raise ValueError(f"task {self.name!r}: guidance scales must be >= 0, got {self.cfg_scales}")
         bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int)]
         if bad:  # a seed names its run folder seed<seed>
             raise ValueError(f"task {self.name!r}: seeds {bad} are not ints; expected a list of ints")
+        try:
+            validate_fields(self)
+            for algo in sorted(set(self.algos) & set(ALGORITHMS)):  # bad options and budgets fail before any work
+                epoch = make_algorithm_config(algo, self.algo_overrides.get(algo, {})).images_per_epoch
+                for budget in self.budgets:
+                    check_budget(budget, epoch, f"{algo} budget", f"[algo_overrides.{algo}] images_per_epoch = N")
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"task {self.name!r}: {e}") from None
 
 
 def load_tasks(path: str | Path, quick: bool = False) -> list[Task]:
@@ -145,13 +155,17 @@ class Comparison:
         for task in tasks:
             task.validate()
         self.tasks, self.out, self.progress = tasks, Path(out), progress
+        self.bar = tqdm(disable=True)  # the current task's bar over its entries (see `run`)
         (self.out / "cache").mkdir(parents=True, exist_ok=True)
 
     def _cached(self, key: str, compute) -> dict:
         path = self.out / "cache" / (key.replace("/", "__") + ".json")
+        self.bar.set_postfix_str(key.split("/", 1)[-1])
         if path.is_file():
+            self.bar.update()
             return json.loads(path.read_text())
         row = compute()
+        self.bar.update()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(row))
         tmp.replace(path)
@@ -182,8 +196,9 @@ class Comparison:
             snap = run / f"lora_{budget}.safetensors"
             if snap.is_file():
                 continue
+            self.bar.set_postfix_str(f"training {algo} seed{seed} to {budget} images")
             cfg = TrainConfig(algo=algo, model=task.model, reward=task.reward, images=budget, out=str(run),
-                              seed=seed, num_steps=task.num_steps, grid_every=0, progress=False,
+                              seed=seed, num_steps=task.num_steps, grid_every=0, progress=self.progress,
                               probe_every=task.probe_every, probe_images=task.probe_images,
                               algo_overrides=dict(task.algo_overrides.get(algo, {})))
             Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
@@ -219,7 +234,10 @@ class Comparison:
         if state.is_file():
             load_training_state(model, state)
         log, start = run / "log.csv", time.perf_counter()
+        bar = tqdm(total=max(task.budgets), initial=model.num_timesteps // k, unit="img", desc="sb3_ppo",
+                   disable=not self.progress)
         for budget in sorted(task.budgets):
+            self.bar.set_postfix_str(f"training sb3_ppo seed{seed} to {budget} images")
             while model.num_timesteps // k < budget:
                 chunk = min(opts["chunk_images"], budget - model.num_timesteps // k)
                 model.learn(chunk * k, reset_num_timesteps=False)
@@ -231,12 +249,13 @@ class Comparison:
                 with log.open("a") as f:
                     f.write(",".join(row) + "\n" if new else "")
                     f.write(",".join(str(v) for v in row.values()) + "\n")
+                bar.update(row["images_seen"] - bar.n)
             save_training_state(model, state)
             model.policy.diffusion.save_lora(run / f"lora_{budget}.safetensors")
+        bar.close()
 
     def rl_rows(self, task: Task) -> list[dict]:
-        from diffenv.models import load_backend
-        from diffenv.models.lora import load_lora, merge_lora
+        from diffenv.models import load_tuned_backend
 
         rows = []
         for algo in task.algos:
@@ -247,9 +266,8 @@ class Comparison:
                 train_log = read_log(run / "log.csv")
                 for budget in sorted(task.budgets):
                     def compute():
-                        backend = load_backend(task.model)
-                        load_lora(backend.denoiser, run / f"lora_{budget}.safetensors")
-                        merge_lora(backend.denoiser)  # deployment cost: no adapter matmuls at sampling time
+                        # merged: the deployment cost, no adapter matmuls at sampling time
+                        backend = load_tuned_backend(task.model, run / f"lora_{budget}.safetensors")
                         return _metrics(eval_model(task, backend, 1.0), task)
 
                     row = self._cached(f"{task.name}/{algo}/s{seed}/b{budget}", compute)
@@ -263,8 +281,10 @@ class Comparison:
     def run(self) -> list[dict]:
         rows = []
         for task in tqdm(self.tasks, desc="tasks", disable=not self.progress):
-            rows += self.baseline_rows(task)
-            rows += self.rl_rows(task)
+            entries = len(task.cfg_scales) + len(task.best_of_n) + len(task.algos) * len(task.seeds) * len(task.budgets)
+            with tqdm(total=entries, desc=task.name, unit="entry", disable=not self.progress) as self.bar:
+                rows += self.baseline_rows(task)
+                rows += self.rl_rows(task)
         write_outputs(rows, self.tasks, self.out)
         return rows
 

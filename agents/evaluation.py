@@ -32,6 +32,8 @@ def judge_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(features) < 2:
+        raise ValueError(f"a covariance needs at least 2 images, got {len(features)}")
     mu = features.mean(0)
     centred = features - mu
     return mu, centred.T @ centred / (len(features) - 1)
@@ -54,11 +56,12 @@ def reference_stats() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def class_variance(images: torch.Tensor, conditions: torch.Tensor) -> float:
+    """Mean over classes with >= 2 images of the within-class pixel variance (NaN if no class has 2)."""
     flat = images.flatten(1).double().cpu()
     conditions = conditions.cpu()
     per_class = [flat[conditions == c].var(0, unbiased=True).mean() for c in conditions.unique() if
                  (conditions == c).sum() > 1]
-    return float(torch.stack(per_class).mean())
+    return float(torch.stack(per_class).mean()) if per_class else float("nan")
 
 
 def image_metrics(images: torch.Tensor, conditions: torch.Tensor) -> dict[str, float]:

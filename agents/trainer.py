@@ -20,6 +20,7 @@ from agents.algos import ALGORITHMS, make_algorithm_config
 from agents.distributed import init_distributed
 from agents.policy import DiffusionPolicy
 from agents.rollout import collect_rollout
+from diffenv.validation import DEVICE, SEED, bounds, validate_fields
 
 CHECKPOINT = "checkpoint.pt"
 LORA = "lora.safetensors"
@@ -30,39 +31,53 @@ RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images", "
 
 @dataclass
 class TrainConfig:
+    """A training run. Types come from the annotations and ranges from the field metadata
+    (`diffenv.validation`); `validate` checks them, the algorithm's options and the budget."""
+
     algo: str = "grpo"
     model: str = "digits-eps"
     reward: Any = "digit_classifier"
-    images: int = 20000
-    """budget: images generated for training (all ranks together)"""
+    images: int = field(default=20000, metadata=bounds(ge=1))
+    """budget: images generated for training (all ranks together), a multiple of images_per_epoch"""
     out: str = "runs/run"
-    seed: int = 0
-    num_steps: int = 10
-    guidance_scale: float = 1.0
+    seed: int = field(default=0, metadata=SEED)
+    num_steps: int = field(default=10, metadata=bounds(ge=1))
+    guidance_scale: float = field(default=1.0, metadata=bounds(ge=0))
     """CFG weight while training (1.0: the guidance-free model RL is meant to produce)"""
-    lora_rank: int = 8
-    device: str = "cpu"
-    grid_every: int = 10
+    lora_rank: int = field(default=8, metadata=bounds(ge=1))
+    device: str = field(default="cpu", metadata=DEVICE)
+    grid_every: int = field(default=10, metadata=bounds(ge=0))
     """save an image grid every N epochs (0: never)"""
-    eval_images: int = 0
+    eval_images: int = field(default=0, metadata=bounds(ge=0))
     """images for the before/after evaluation with the model's default sampler (0: skip)"""
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
     """backend options, e.g. {"prompts": "prompts.txt"} for "sd:PATH" models"""
-    probe_every: int = 0
+    probe_every: int = field(default=0, metadata=bounds(ge=0))
     """over-optimisation monitor: every N epochs (and at epoch 1) score a fixed probe set (0: off)"""
-    probe_images: int = 200
+    probe_images: int = field(default=200, metadata=bounds(ge=2))
     """probe set size: fixed seed and balanced conditions, the training guidance scale"""
     algo_overrides: dict = field(default_factory=dict)
     """algorithm config fields, e.g. {"lr": 1e-4, "group_size": 4}"""
+    conditions: list[int | str] | None = None
+    """condition ids or split names to train on (each group's condition drawn uniformly from them;
+    evaluation and probes balanced over them); None: all"""
 
     def validate(self) -> None:
         if self.algo not in ALGORITHMS:
             raise ValueError(f"unknown algo {self.algo!r}; expected one of {sorted(ALGORITHMS)}")
-        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1:
-            raise ValueError(f"images (the training budget) must be a positive int, got {self.images!r}")
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        validate_fields(self)
+        make_algorithm_config(self.algo, self.algo_overrides)  # bad options fail here, before any work
+
+
+def check_budget(images: int, images_per_epoch: int, what: str = "images",
+                 change: str = "--set images_per_epoch=N") -> None:
+    """A run trains whole epochs, so the budget must be a multiple of the epoch (never rounded silently)."""
+    if images % images_per_epoch:
+        lower, upper = images // images_per_epoch * images_per_epoch, -(-images // images_per_epoch) * images_per_epoch
+        suggest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ValueError(f"{what}={images}: expected a multiple of images_per_epoch={images_per_epoch} (a run trains "
+                         f"whole epochs), e.g. {suggest}; or change images_per_epoch ({change})")
 
 
 class Trainer:
@@ -82,6 +97,7 @@ class Trainer:
         if rem or per_rank % self.algo_cfg.group_size:
             raise ValueError(f"images_per_epoch={self.algo_cfg.images_per_epoch} must split into "
                              f"{self.dist.world_size} rank(s) of whole groups of group_size={self.algo_cfg.group_size}")
+        check_budget(cfg.images, self.algo_cfg.images_per_epoch)
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (and broadcast below, as DDP does)
         self.policy = DiffusionPolicy(cfg.model, num_steps=cfg.num_steps, eta=self.algo_cfg.eta,
                                       noise_level=self.algo_cfg.noise_level, guidance_scale=cfg.guidance_scale,
@@ -91,7 +107,7 @@ class Trainer:
 
         self.env = DiffusionSteerVectorEnv(
             num_envs=per_rank, action_mode="latent", reward=cfg.reward, group_size=self.algo_cfg.group_size,
-            share_noise=self.algo_cfg.share_noise, seed=cfg.seed + 1000 * self.dist.rank,
+            share_noise=self.algo_cfg.share_noise, seed=cfg.seed + 1000 * self.dist.rank, conditions=cfg.conditions,
             **self.policy.env_kwargs(),
         )
         self.params = self.policy.trainable_parameters()
@@ -184,7 +200,7 @@ class Trainer:
 
         result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward, model=self.policy.backend,
                           num_steps=self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale,
-                          device=self.policy.device)
+                          device=self.policy.device, condition_set=self.cfg.conditions)
         return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item(),
                 "result": result}
 
@@ -253,8 +269,13 @@ class Trainer:
             raise ValueError(f"checkpoint {path} is corrupt or not a DiffusionSteer checkpoint: {e}") from e
         if not isinstance(state, dict) or state.get("format") != 1:
             raise ValueError(f"checkpoint {path} is not a DiffusionSteer checkpoint (format 1)")
-        saved, now = state["train_config"], asdict(self.cfg)
-        diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]}
+        saved, now = dict(state["train_config"]), asdict(self.cfg)
+        # algorithm options compare as resolved values: `--set lr=<the default>` is the same run as no --set
+        algo = self.cfg.algo
+        saved.update({f"{algo}.{k}": v for k, v in state.get("algo_config", {}).items()})
+        now.update({f"{algo}.{k}": v for k, v in asdict(make_algorithm_config(algo, self.cfg.algo_overrides)).items()})
+        ignore = RESUME_MAY_CHANGE | {"algo_overrides"}
+        diff = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
         if diff:
             raise ValueError(f"checkpoint {path} was written with a different configuration: "
                              + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))

@@ -23,28 +23,41 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from diffenv.config import EnvConfig
+    from diffenv.validation import flag_type, number_type
+
     p.add_argument("--model", required=True, help="sd:PATH, sdxl:PATH, sd3:PATH or flux:PATH (folder or hub id)")
     p.add_argument("--lora", required=True, help="diffusers LoRA folder/file, or a trainer lora.safetensors")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per prompt and seed")
-    p.add_argument("--num-steps", type=int, default=20, help="sampler steps on both sides")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG weight of the base side (LoRA side: 1)")
+    p.add_argument("--seeds", type=flag_type(EnvConfig, "seed"), nargs="+", default=[0],
+                   help="one image per prompt and seed")
+    p.add_argument("--num-steps", type=number_type(int, ge=1), default=20, help="sampler steps on both sides")
+    p.add_argument("--guidance-scale", type=number_type(float, ge=1), default=5.0,
+                   help="CFG weight of the base side (LoRA side: 1)")
+    import rewards
+
     p.add_argument("--reward", action="append", default=[],
-                   help="reward to report, NAME or NAME:PATH (e.g. clip_score:/models/clip); repeatable")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+                   help="reward to report, NAME or NAME:PATH (e.g. clip_score:/models/clip); repeatable. NAME: "
+                        + " | ".join(rewards.names()))
+    p.add_argument("--height", type=number_type(int, ge=1), default=None, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=number_type(int, ge=1), default=None, help="image width (default: the pipeline's)")
     p.add_argument("--negative-prompt", default=None, help="the base side's negative prompt (default: none)")
-    p.add_argument("--torch-dtype", default=None, help="float32 (default), fp16 or bf16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--torch-dtype", default=None, choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"],
+                   help="weights' dtype (default: float32)")
+    p.add_argument("--device", type=flag_type(EnvConfig, "device"), default="cpu", help="torch device")
     p.add_argument("--out", default="runs/ab/grid.png", help="PNG grid: rows (prompt, seed), columns base | LoRA")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `ab` on the `diffenv` command's subparsers."""
-    p = subparsers.add_parser("ab", help="A/B: base pipeline with CFG vs guidance-free LoRA, same prompts and seeds")
+    from diffenv.cli import add_parser as add_subcommand
+
+    p = add_subcommand(subparsers, "ab", help="A/B: base pipeline with CFG vs guidance-free LoRA, same prompts and seeds",
+                       description=__doc__.split("\n\n")[0])
     add_arguments(p)
     p.set_defaults(func=cmd_ab)
     return p
@@ -95,7 +108,7 @@ def _sample(pipe, kind: str, prompts: list[str], seeds: list[int], guidance: flo
     else:
         kwargs.update(guidance_scale=guidance, negative_prompt=a.negative_prompt if guidance > 1 else None)
     images, start = [], time.perf_counter()
-    for seed in seeds:
+    for seed in tqdm(seeds, desc=f"w={guidance:g}", unit="seed", disable=len(seeds) < 2):
         generators = [torch.Generator(a.device).manual_seed(seed) for _ in prompts]
         with torch.no_grad():
             images.append(pipe(prompt=prompts, generator=generators, **kwargs).images.float().cpu())
@@ -103,8 +116,6 @@ def _sample(pipe, kind: str, prompts: list[str], seeds: list[int], guidance: flo
 
 
 def cmd_ab(a: argparse.Namespace) -> int:
-    from diffusers.utils import logging as diffusers_logging
-
     from diffenv.models.diffusers_backend import load_pipeline, parse_model_spec, resolve_dtype
     from diffenv.models.prompts import load_prompts
     from diffenv.viz import save_grid
@@ -120,12 +131,7 @@ def cmd_ab(a: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
 
     base, base_time = _sample(pipe, kind, prompts, a.seeds, a.guidance_scale, a)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": expected, ours has none
-    try:
-        _load_lora(pipe, a.lora)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    _load_lora(pipe, a.lora)  # `diffenv.cli.quiet_third_party` drops diffusers' expected "no text-encoder keys"
     pipe.fuse_lora()  # time the model as it would be deployed: no per-layer adapter overhead
     tuned, tuned_time = _sample(pipe, kind, prompts, a.seeds, 1.0, a)
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-ACTION_MODES = ("noise", "latent", "initial_noise", "trajectory")
+from diffenv.validation import DEVICE, SEED, bounds, checked, validate_fields
+
+ActionMode = Literal["noise", "latent", "initial_noise", "trajectory"]
+ACTION_MODES = typing.get_args(ActionMode)
 ONE_STEP_MODES = ("initial_noise", "trajectory")
 DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "flow_sde"}
 FAMILY_SAMPLERS = {"ddpm": ("ddpm", "ddim", "ode"), "flow": ("flow_sde", "ode")}
@@ -15,60 +20,47 @@ FAMILY_SAMPLERS = {"ddpm": ("ddpm", "ddim", "ode"), "flow": ("flow_sde", "ode")}
 NOISE_ACTION_BOUND = 8.0
 
 
-def _is_int(x: Any) -> bool:
-    import numpy as np
-
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+def _conditions(value):
+    """A split name alone is a one-element selection: `"train"` ≡ `["train"]`."""
+    if len(value) == 0:
+        raise ValueError("expected a non-empty selection of condition ids or split names")
+    return value
 
 
 @dataclass
 class EnvConfig:
-    """The env's arguments; see the table in `diffenv.env.DiffusionSteerEnv`."""
+    """The env's arguments; see the table in `diffenv.env.DiffusionSteerEnv`. Types and ranges are
+    checked by `diffenv.validation` from the annotations and field metadata."""
 
     model: Any = "digits-eps"
     reward: Any = "digit_classifier"
-    num_steps: int = 10
+    num_steps: int = field(default=10, metadata=bounds(ge=1))
     sampler: str | None = None
-    eta: float = 1.0
-    noise_level: float = 0.7
-    action_mode: str = "noise"
-    guidance_scale: float = 1.0
-    conditions: Sequence[int] | None = None
-    group_size: int = 1
+    eta: float = field(default=1.0, metadata=bounds(ge=0))
+    noise_level: float = field(default=0.7, metadata=bounds(ge=0))
+    action_mode: ActionMode = "noise"
+    guidance_scale: float = field(default=1.0, metadata=bounds(ge=0))
+    conditions: str | Sequence[int | str] | None = field(default=None, metadata=checked(
+        _conditions, "condition ids (e.g. [3, 7]), a split name the model declares (e.g. 'train'), or None"))
+    group_size: int = field(default=1, metadata=bounds(ge=1))
     share_noise: bool = False
-    fork_at: int | None = None
+    fork_at: int | None = field(default=None, metadata=bounds(ge=0))
     dense_reward: bool = False
-    device: Any = "cpu"
-    seed: int | None = None
-    action_bound: float = NOISE_ACTION_BOUND
+    device: Any = field(default="cpu", metadata=DEVICE)
+    seed: int | None = field(default=None, metadata=SEED)
+    action_bound: float = field(default=NOISE_ACTION_BOUND, metadata=bounds(gt=0, finite=False))
     model_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.num_steps) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
-        if self.action_mode not in ACTION_MODES:
-            raise ValueError(f"unknown action_mode {self.action_mode!r}; expected one of {ACTION_MODES}")
-        for name in ("guidance_scale", "eta", "noise_level"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-            setattr(self, name, float(v))
-        if not _is_int(self.group_size) or self.group_size < 1:
-            raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
+        validate_fields(self)
         if self.fork_at is not None:
-            if not _is_int(self.fork_at) or not 0 <= self.fork_at <= self.num_steps:
-                raise ValueError(f"fork_at must be an int in [0, num_steps={self.num_steps}], got {self.fork_at!r}")
+            if self.fork_at > self.num_steps:
+                raise ValueError(f"fork_at={self.fork_at!r}: expected an int in [0, num_steps={self.num_steps}]")
             if self.action_mode in ONE_STEP_MODES:
                 raise ValueError(f"fork_at needs a multi-step action_mode ('noise' or 'latent'), got {self.action_mode!r}")
             self.share_noise = True  # a fork starts from one trajectory, hence one x_T
         if self.dense_reward and self.action_mode in ONE_STEP_MODES:
             raise ValueError(f"dense_reward needs a multi-step action_mode ('noise' or 'latent'), got {self.action_mode!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
-            raise TypeError(f"model_kwargs must be a dict (e.g. {{'prompts': 'prompts.txt'}}), got {self.model_kwargs!r}")
-        if not isinstance(self.action_bound, (int, float)) or not self.action_bound > 0:
-            raise ValueError(f"action_bound must be a number > 0 (math.inf for none), got {self.action_bound!r}")
 
     def sampler_name(self, family: str) -> str:
         if self.sampler is None:
@@ -85,17 +77,24 @@ class EnvConfig:
         if self.action_mode == "initial_noise" and name != "ode":
             raise ValueError(f"action_mode='initial_noise' runs a deterministic sampler; expected sampler='ode' "
                              f"(or None), got {name!r}")
-        self.condition_ids(backend.n_conditions)
+        self.condition_ids(backend)
 
-    def condition_ids(self, n_conditions: int) -> list[int]:
+    def condition_ids(self, backend) -> list[int]:
+        """The condition set: every id (None), or the selected ids and the ids of selected split names
+        (`backend.condition_splits`, e.g. a prompt file's `# split: heldout` sections), sorted, unique."""
+        n = backend.n_conditions
         if self.conditions is None:
-            return list(range(n_conditions))
-        ids = list(self.conditions)
-        if not ids:
-            raise ValueError(f"conditions must be a non-empty subset of 0..{n_conditions - 1}, got []")
-        bad = [c for c in ids if not _is_int(c) or not 0 <= c < n_conditions]
-        if bad:
-            raise ValueError(f"conditions {bad} out of range; expected ints in 0..{n_conditions - 1}")
+            return list(range(n))
+        splits = getattr(backend, "condition_splits", None) or {}
+        items = [self.conditions] if isinstance(self.conditions, str) else list(self.conditions)
+        expected = f"ids in 0..{n - 1}" + (f" or split names {sorted(splits)}" if splits else
+                                            f" (model {getattr(backend, 'name', '?')!r} declares no split names)")
+        unknown = [c for c in items if isinstance(c, str) and c not in splits]
+        bad = [c for c in items if not isinstance(c, str) and not 0 <= c < n]
+        if unknown or bad:
+            what = [f"{bad} out of range"] * bool(bad) + [f"unknown split name(s) {unknown}"] * bool(unknown)
+            raise ValueError(f"conditions {'; '.join(what)}; expected {expected}")
+        ids = [i for c in items for i in (splits[c] if isinstance(c, str) else [c])]
         return sorted(set(int(c) for c in ids))
 
     def make_reward(self, device):

@@ -58,10 +58,13 @@ def balanced_conditions(n: int, condition_ids: list[int]) -> torch.Tensor:
 
 
 def generate(n: int, *, batch_size: int = 250, seed: int = 0, conditions: torch.Tensor | None = None,
-             progress: bool = False, env=None, warmup: bool = False, **env_kwargs: Any) -> GenerationResult:
+             condition_set=None, progress: bool = False, env=None, warmup: bool = False,
+             **env_kwargs: Any) -> GenerationResult:
     """Generate `n` images with the base sampler (noise mode, ε ~ N(0, I)) and score them.
 
     Batch j uses seed `seed + j`, so a run is reproducible for a fixed `batch_size`.
+    `conditions` [n] fixes every image's condition; otherwise the images cycle through `condition_set`
+    (the env's `conditions`: ids or split names; None = all), so each condition gets n / |set| images.
     `env_kwargs` go to `DiffusionSteerVectorEnv` (model, reward, num_steps, guidance_scale, ...).
     `warmup=True` runs one untimed episode first, so `wall_time_s` excludes first-call costs.
     """
@@ -73,9 +76,9 @@ def generate(n: int, *, batch_size: int = 250, seed: int = 0, conditions: torch.
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batch = min(batch_size, n)
     if env is None:
-        env = DiffusionSteerVectorEnv(num_envs=batch, **env_kwargs)
-    elif env_kwargs:
-        raise ValueError(f"pass either env or env kwargs, not both (got {sorted(env_kwargs)})")
+        env = DiffusionSteerVectorEnv(num_envs=batch, conditions=condition_set, **env_kwargs)
+    elif env_kwargs or condition_set is not None:
+        raise ValueError(f"pass either env or env kwargs, not both (got {sorted(env_kwargs) or ['condition_set']})")
     batch = env.num_envs
     if conditions is None:
         conditions = balanced_conditions(n, env.condition_set.tolist())

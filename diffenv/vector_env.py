@@ -63,7 +63,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
             **self.backend.sampler_kwargs(cfg.num_steps),
         )
         self.reward_fn = cfg.make_reward(self.device)
-        self.condition_set = torch.as_tensor(cfg.condition_ids(self.backend.n_conditions), device=self.device)
+        self.condition_set = torch.as_tensor(cfg.condition_ids(self.backend), device=self.device)
         self.episode_length = 1 if cfg.action_mode in ONE_STEP_MODES else cfg.num_steps
         if max_episode_steps is not None and max_episode_steps < self.episode_length:
             raise ValueError(

@@ -203,7 +203,7 @@ def test_fpo_refuses_epsilon_models():
 
 def test_fdfo_rejects_groups_of_one():
     policy = DiffusionPolicy("digits-flow", num_steps=NUM_STEPS)
-    with pytest.raises(ValueError, match="group_size must be >= 2"):
+    with pytest.raises(ValueError, match="group_size=1: expected an int >= 2"):
         ALGORITHMS["fdfo"](policy, make_algorithm_config("fdfo", {"group_size": 1}))
 
 

@@ -51,8 +51,9 @@ def test_train_then_sample_with_lora(tmp_path, capsys):
         (["sample", "--model", "digits-epz"], "unknown model 'digits-epz'"),
         (["sample", "--reward", "nope"], "unknown reward 'nope'"),
         (["sample", "--sampler", "euler"], "unknown sampler 'euler'"),
-        (["train", "--algo", "grpo", "--images", "0", "--out", "x"], "--images must be a positive budget, got 0"),
-        (["train", "--algo", "grpo", "--images", "8", "--out", "{tmp}/r", "--reward", "nope"], "unknown reward"),
+        (["train", "--algo", "grpo", "--images", "10", "--out", "{tmp}/r"],
+         "images=10: expected a multiple of images_per_epoch=64"),
+        (["train", "--algo", "grpo", "--images", "64", "--out", "{tmp}/r", "--reward", "nope"], "unknown reward"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path):
@@ -62,8 +63,137 @@ def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["sample", "--n", "0"], ["sample", "--guidance-scale", "-1"],
-                                  ["train", "--algo", "ppo9", "--images", "8", "--out", "x"]])
+                                  ["train", "--algo", "ppo9", "--images", "8", "--out", "x"],
+                                  ["train", "--algo", "grpo", "--images", "0", "--out", "x"]])
 def test_argparse_rejects_bad_flags(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- condition sets and budgets
+def test_conditions_are_a_set_sampled_balanced(tmp_path):
+    out = tmp_path / "c.npz"
+    assert main(["sample", "--num-steps", "2", "--conditions", "3", "7", "--n", "20", "--batch-size", "8",
+                 "--out", str(out), "--no-progress"]) == 0
+    ids, counts = np.unique(np.load(out)["conditions"], return_counts=True)
+    assert ids.tolist() == [3, 7] and counts.tolist() == [10, 10]
+
+
+def test_split_names_come_from_the_backend(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from diffenv.config import EnvConfig
+    from diffenv.models.prompts import load_prompts, prompt_splits
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# split: train\na red cat\na blue dog\n# split: heldout\na green bird\n")
+    assert load_prompts(prompts) == ["a red cat", "a blue dog", "a green bird"]
+    splits = prompt_splits(prompts)
+    assert splits == {"train": [0, 1], "heldout": [2]}
+    backend = SimpleNamespace(n_conditions=3, condition_splits=splits, name="sd:x")
+    assert EnvConfig(conditions="heldout").condition_ids(backend) == [2]
+    assert EnvConfig(conditions=["train", 2]).condition_ids(backend) == [0, 1, 2]
+    assert main(["sample", "--conditions", "heldout"]) == 2  # digits declare no split names
+    assert "unknown split name(s) ['heldout']; expected ids in 0..9 (model 'digits-eps' declares no split names)" \
+        in capsys.readouterr().err
+
+
+def test_train_conditions_restrict_rollouts_and_evaluation(tmp_path):
+    from agents.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(algo="grpo", model="digits-flow", num_steps=2, images=16, out=str(tmp_path),
+                                  progress=False, grid_every=0, conditions=[3, 7],
+                                  algo_overrides={"images_per_epoch": 16, "group_size": 4, "minibatch_size": 16}))
+    assert trainer.env.condition_set.tolist() == [3, 7]
+    assert trainer.evaluate(8)["result"].conditions.tolist() == [3, 7] * 4
+
+
+# --------------------------------------------------------------------------- merged LoRA, help, threads, quiet
+def test_sample_lora_is_merged_before_sampling(tmp_path):
+    import argparse
+
+    import torch
+
+    from diffenv.cli import load_model
+    from diffenv.models import load_backend
+    from diffenv.models.lora import _tuner_layers, add_lora, lora_parameters, save_lora
+
+    base = load_backend("digits-flow")
+    config = add_lora(base.denoiser, rank=2)
+    for p in lora_parameters(base.denoiser):
+        torch.nn.init.normal_(p, std=0.05)
+    path = save_lora(base.denoiser, tmp_path / "lora.safetensors", config, extra={"model": "digits-flow"})
+    tuned = load_model(argparse.Namespace(model="digits-flow", lora=str(path), device="cpu", prompts=None))
+    layers = _tuner_layers(tuned.denoiser)
+    assert layers and all(layer.merged for layer in layers)  # no adapter matmuls left at sampling time
+    x, t, c = torch.randn(4, 1, 8, 8), torch.full((4,), 500.0), torch.arange(4)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.forward_model(x, t, c), base.forward_model(x, t, c), atol=1e-5, rtol=1e-4)
+
+
+def test_help_shows_every_option_with_its_default():
+    import argparse
+
+    from agents.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"sample", "ab", "train", "compare"}
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+        text = " ".join(p.format_help().split())
+        assert "--threads" in text
+        for action in p._actions:
+            if action.default not in (None, False, [], argparse.SUPPRESS) and not action.required:
+                assert f"(default: {action.default})" in text or "default:" in action.help, (name, action.dest)
+    train = " ".join(sub.choices["train"].format_help().split())
+    assert "(default: 10)" in train and "digit_classifier" in train and "digits-flow" in train
+    assert "clip_range=0.2" in train  # --set lists every algorithm option with its default
+
+
+def test_threads_option_sets_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["sample", "--threads", "1", "--num-steps", "1", "--n", "2"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["sample", "--threads", "0"])
+
+
+def test_known_third_party_noise_is_filtered_and_nothing_else(caplog):
+    import logging
+    import warnings
+
+    from diffenv.cli import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        from gymnasium.envs.classic_control import CartPoleEnv
+        from stable_baselines3 import PPO
+
+        PPO("MlpPolicy", CartPoleEnv(), n_steps=10, batch_size=3, device="cpu")  # 10 % 3: SB3's mini-batch warning
+        warnings.warn("an unrelated warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        logging.getLogger("diffusers.loaders.lora_base").warning(
+            "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
+        logging.getLogger("diffusers.loaders.lora_base").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_compare_shows_progress_of_its_entries(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('eval_images = 10\ncfg_scales = [1.0]\nbest_of_n = [2]\nalgos = []\n'
+                      '[[task]]\nname = "t"\nmodel = "digits-flow"\nnum_steps = 1\n')
+    assert main(["compare", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "t: 100%" in err and "2/2" in err and "bon_2" in err  # the entry being computed

@@ -64,7 +64,7 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     "kw, match",
     [
         (dict(algo="ppo2"), "unknown algo 'ppo2'"),
-        (dict(images=0), "positive int, got 0"),
+        (dict(images=0), "images=0: expected an int >= 1"),
         (dict(algo_overrides={"learning_rate": 1.0}), r"unknown grpo option\(s\) \['learning_rate'\]"),
         (dict(algo_overrides={"images_per_epoch": 10, "group_size": 4}), "whole groups of group_size=4"),
         (dict(reward="no_such_reward"), "unknown reward 'no_such_reward'"),

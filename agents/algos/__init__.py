@@ -24,7 +24,10 @@ def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) ->
     bad = sorted(set(overrides or {}) - names)
     if bad:
         raise ValueError(f"unknown {algo} option(s) {bad}; expected some of {sorted(names)}")
-    return cls(**(overrides or {}))
+    try:
+        return cls(**(overrides or {}))  # types and ranges: `diffenv.validation`, from the field metadata
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{algo} option {e}") from None
 
 
 __all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "clipped_surrogate", "make_algorithm_config",

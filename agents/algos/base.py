@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -11,32 +11,37 @@ from tensordict import TensorDict
 
 from agents.distributed import Dist
 from agents.policy import DiffusionPolicy
+from diffenv.validation import bounds, validate_fields
 
 
 @dataclass
 class AlgoConfig:
-    """Fields every algorithm has (each algorithm's dataclass adds its own)."""
+    """Fields every algorithm has (each algorithm's dataclass adds its own). Types come from the
+    annotations and ranges from the field metadata; `diffenv.validation` checks both on construction."""
 
-    images_per_epoch: int = 64
+    images_per_epoch: int = field(default=64, metadata=bounds(ge=1))
     """images generated per epoch (all ranks together)"""
-    group_size: int = 8
+    group_size: int = field(default=8, metadata=bounds(ge=1))
     """sub-envs sharing a condition (GRPO groups; FDFO pairs use 2)"""
     share_noise: bool = False
     """group members also share x_T"""
-    lr: float = 3e-4
+    lr: float = field(default=3e-4, metadata=bounds(gt=0))
     """AdamW learning rate of the LoRA parameters"""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
     """AdamW weight decay"""
-    inner_epochs: int = 1
+    inner_epochs: int = field(default=1, metadata=bounds(ge=1))
     """passes over each epoch's training items"""
-    minibatch_size: int = 640
+    minibatch_size: int = field(default=640, metadata=bounds(ge=1))
     """training items (transitions or samples) per optimizer step"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata=bounds(gt=0))
     """gradient-norm clip"""
-    eta: float = 1.0
+    eta: float = field(default=1.0, metadata=bounds(ge=0))
     """DDIM η of the rollout sampler (ε-models)"""
-    noise_level: float = 0.7
+    noise_level: float = field(default=0.7, metadata=bounds(ge=0))
     """flow-SDE `a` of the rollout sampler (flow models)"""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 class Algorithm:

@@ -14,24 +14,25 @@ Works on both families (flow models through the flow-SDE sampler, as in Flow-GRP
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tensordict import TensorDict
 
 from agents.advantages import PerConditionStats
 from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
 from agents.rollout import transitions
+from diffenv.validation import bounds
 
 
 @dataclass
 class DDPOConfig(AlgoConfig):
-    clip_range: float = 0.2
+    clip_range: float = field(default=0.2, metadata=bounds(gt=0))
     """PPO ε on the exact (summed) per-step ratio"""
-    adv_clip: float = 5.0
+    adv_clip: float = field(default=5.0, metadata=bounds(gt=0))
     """advantage clip"""
-    stat_buffer_size: int = 32
+    stat_buffer_size: int = field(default=32, metadata=bounds(ge=1))
     """rewards kept per condition"""
-    stat_min_count: int = 16
+    stat_min_count: int = field(default=16, metadata=bounds(ge=1))
     """rewards a condition needs before its own statistics replace the batch's"""
     reinforce: bool = False
     """score-function variant (DDPO_SF): no ratio, no clipping"""

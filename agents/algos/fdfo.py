@@ -35,7 +35,7 @@ and a learning run (digits-eps, guidance 0.5: 0.786 → 0.864 in 1024 images) pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
@@ -43,11 +43,12 @@ from tensordict import TensorDict
 from agents.algos.base import AlgoConfig, Algorithm
 from agents.algos.fpo import ForwardProcess, per_sample_mean
 from agents.rollout import transitions
+from diffenv.validation import bounds
 
 
 @dataclass
 class FDFOConfig(AlgoConfig):
-    group_size: int = 2
+    group_size: int = field(default=2, metadata=bounds(ge=2))
     """rollouts per pair (the paper's G = 2; larger groups use group-centred differences)"""
     share_noise: bool = True
     """pair members start from the same x_T"""
@@ -57,9 +58,9 @@ class FDFOConfig(AlgoConfig):
     """DDIM η of the rollout sampler (ε-models): the churn"""
     minibatch_size: int = 256
     """visited states per optimizer step"""
-    spo_eps: float = 0.03
+    spo_eps: float = field(default=0.03, metadata=bounds(gt=0))
     """ε of the SPO penalty |ΔR| / (2ε) (ρ − 1)²"""
-    dir_eps: float = 1e-12
+    dir_eps: float = field(default=1e-12, metadata=bounds(ge=0))
     """added to mean d² before the square root (identical endpoints give d̃ = 0)"""
 
 

@@ -33,7 +33,7 @@ the action was sampled, so any rollout sampler works; only x0 and the condition 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
@@ -42,6 +42,7 @@ from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
 from agents.policy import DiffusionPolicy
 from diffenv.models.lora import adapter_disabled
+from diffenv.validation import SEED, bounds
 
 
 class ForwardProcess:
@@ -132,13 +133,13 @@ class FPOConfig(AlgoConfig):
     """samples (each with n_mc noise draws) per optimizer step"""
     inner_epochs: int = 2
     """passes over each epoch's samples (PPO reuse; the clip keeps it proximal)"""
-    clip_range: float = 0.05
+    clip_range: float = field(default=0.05, metadata=bounds(gt=0))
     """PPO ε on the CFM-difference ratio"""
-    n_mc: int = 4
+    n_mc: int = field(default=4, metadata=bounds(ge=1))
     """Monte-Carlo (t, ε) draws per sample, shared by ℓ_old and ℓ_θ"""
-    adv_eps: float = 1e-4
+    adv_eps: float = field(default=1e-4, metadata=bounds(gt=0))
     """added to the group std"""
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     """seed of the algorithm's generator for the (t, ε) draws (plus the rank)"""
 
 

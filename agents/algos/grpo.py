@@ -10,7 +10,7 @@ Works on both families: DDIM(η) / DDPM steps for ε-models, the flow SDE for re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
@@ -18,15 +18,16 @@ from tensordict import TensorDict
 from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
 from agents.rollout import transitions
+from diffenv.validation import bounds
 
 
 @dataclass
 class GRPOConfig(AlgoConfig):
-    clip_range: float = 0.2
+    clip_range: float = field(default=0.2, metadata=bounds(gt=0))
     """PPO ε on the exact (summed) per-step ratio"""
-    kl_coef: float = 0.01
+    kl_coef: float = field(default=0.01, metadata=bounds(ge=0))
     """β of the per-step KL to the reference (base) model; 0 disables the reference forward"""
-    adv_eps: float = 1e-4
+    adv_eps: float = field(default=1e-4, metadata=bounds(gt=0))
     """added to the group std"""
 
 

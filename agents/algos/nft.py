@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
@@ -44,29 +44,30 @@ from tensordict import TensorDict
 from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm
 from agents.algos.fpo import ForwardProcess, per_sample_mean
+from diffenv.validation import SEED, bounds
 
 
 @dataclass
 class NFTConfig(AlgoConfig):
     minibatch_size: int = 64
     """(sample, draw) items per optimizer step"""
-    beta: float = 1.0
+    beta: float = field(default=1.0, metadata=bounds(gt=0))
     """β > 0: how far the implicit policies v^± sit from v_old (1: v⁺ = v_θ)"""
-    adv_clip_max: float = 5.0
+    adv_clip_max: float = field(default=5.0, metadata=bounds(gt=0))
     """A_max: r = clip(A / (2 A_max) + ½, 0, 1)"""
-    adv_eps: float = 1e-4
+    adv_eps: float = field(default=1e-4, metadata=bounds(gt=0))
     """added to the group std"""
-    n_draws: int = 2
+    n_draws: int = field(default=2, metadata=bounds(ge=1))
     """(t, ε) forward-process draws per sample"""
-    kl_coef: float = 0.0
+    kl_coef: float = field(default=0.0, metadata=bounds(ge=0))
     """λ of ‖v_θ − v_ref‖² (0 disables the reference forward)"""
-    ema_decay: float = 0.5
+    ema_decay: float = field(default=0.5, metadata=bounds(ge=0, le=1))
     """final EMA decay of the old policy (0: old = current)"""
-    ema_ramp: float = 0.001
+    ema_ramp: float = field(default=0.001, metadata=bounds(ge=0))
     """old-policy decay after n optimizer steps is min(ema_ramp · n, ema_decay)"""
     collect_with_old: bool = True
     """collect rollouts with the EMA old policy, as the paper does (False: with the current θ)"""
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     """seed of the algorithm's generator for the (t, ε) draws (plus the rank)"""
 
 

@@ -9,7 +9,8 @@ import torch
 from diffenv.models.base import DiffusionBackend, nfe_per_step
 from diffenv.models.embedded import EMBEDDED_MODELS, EmbeddedDigitsBackend
 
-__all__ = ["DiffusionBackend", "EmbeddedDigitsBackend", "load_backend", "model_names", "nfe_per_step"]
+__all__ = ["DiffusionBackend", "EmbeddedDigitsBackend", "load_backend", "load_tuned_backend", "model_names",
+           "nfe_per_step"]
 
 #: spec prefixes of the diffusers text-to-image backends (`diffenv.models.diffusers_backend`)
 DIFFUSERS_PREFIXES = ("sd:", "sdxl:", "sd3:", "flux:")
@@ -48,3 +49,20 @@ def load_backend(model: str | DiffusionBackend, device: str | torch.device = "cp
     close = difflib.get_close_matches(model, model_names(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown model {model!r}: expected one of {model_names()}{hint}")
+
+
+def load_tuned_backend(model: str, lora, device: str | torch.device = "cpu", **backend_kwargs) -> DiffusionBackend:
+    """`load_backend(model)` with a LoRA file (`save_lora`, e.g. a run's `lora.safetensors`) merged into
+    the denoiser's weights: the tuned model as it is deployed, sampling at the base model's cost.
+
+    The file must have been trained on `model` (its metadata says which); the merged adapter is for
+    inference only (not to be trained or saved again).
+    """
+    from diffenv.models.lora import load_lora, merge_lora
+
+    backend = load_backend(model, device=device, **backend_kwargs)
+    base = load_lora(backend.denoiser, lora).get("model")
+    if base is not None and base != model:
+        raise ValueError(f"LoRA {lora} was trained on model {base!r}, not on {model!r}")
+    merge_lora(backend.denoiser)
+    return backend

@@ -35,6 +35,8 @@ class DiffusionBackend(abc.ABC):
         prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow"``.
         latent_shape: ``(C, H, W)`` of the diffusion state.
         condition_names: one human-readable name per condition id.
+        condition_splits: named subsets of condition ids (e.g. a prompt file's `train` / `heldout`);
+            `conditions="heldout"` selects one. Digits models declare none.
         scheduler_config: the diffusers scheduler config (a dict) the samplers read tables from.
         num_train_timesteps: T of the training schedule; the env reports ``t / T``.
     """
@@ -43,6 +45,7 @@ class DiffusionBackend(abc.ABC):
     prediction_type: str
     latent_shape: tuple[int, int, int]
     condition_names: list[str]
+    condition_splits: dict[str, list[int]] = {}  # read-only default; backends assign their own
     scheduler_config: dict[str, Any]
     num_train_timesteps: int = 1000
     name: str = "backend"

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from diffenv.models.base import DiffusionBackend
-from diffenv.models.prompts import load_prompts
+from diffenv.models.prompts import load_prompts, prompt_splits
 
 #: spec prefix -> (pipeline class name, family)
 KINDS = {"sd": ("StableDiffusionPipeline", "ddpm"), "sdxl": ("StableDiffusionXLPipeline", "ddpm"),
@@ -189,7 +189,7 @@ class DiffusersBackend(DiffusionBackend):
             self._encode_kwargs["max_sequence_length"] = max_sequence_length or (256 if kind == "sd3" else 512)
         elif max_sequence_length is not None:
             raise ValueError(f"max_sequence_length applies to sd3/flux (T5) only, got it for {kind!r}")
-        self.set_prompts(self.condition_names, negative_prompt)
+        self.set_prompts(prompts, negative_prompt)
         if not keep_text_encoders:
             self.drop_text_encoders()
 
@@ -259,15 +259,16 @@ class DiffusersBackend(DiffusionBackend):
 
     def set_prompts(self, prompts, negative_prompt: str | None = None, chunk: int = 64) -> None:
         """Encode and cache a prompt set (needs the text encoders); condition ids follow the new set."""
-        prompts = load_prompts(prompts)
+        names = load_prompts(prompts)
         if self.pipe.text_encoder is None:
             raise RuntimeError("the text encoders were dropped after the first encoding; build the backend with "
                                "keep_text_encoders=True to change prompts")
-        parts = [self._encode(prompts[i:i + chunk], negative_prompt) for i in range(0, len(prompts), chunk)]
+        parts = [self._encode(names[i:i + chunk], negative_prompt) for i in range(0, len(names), chunk)]
         cond = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
         null = parts[0][1]
         self._cond = {k: torch.cat([cond[k], null[k]]).to(self.device, self.dtype) for k in cond}
-        self.condition_names, self.negative_prompt = prompts, negative_prompt
+        self.condition_names, self.negative_prompt = names, negative_prompt
+        self.condition_splits = prompt_splits(prompts)
         if self.kind == "flux":
             dev = self.device
             h, w = self.latent_shape[1:]

@@ -3,13 +3,20 @@
 A prompt set is a list of strings or a UTF-8 text file with one prompt per line; blank lines and
 lines starting with ``#`` are skipped, surrounding whitespace is stripped. Order is kept (it defines
 the condition ids) and duplicates are errors, since two ids for one prompt would split its groups.
+
+A file may name subsets of its prompts with `# split: NAME` lines: every prompt after such a line, up to
+the next one, belongs to split NAME (e.g. `train` and `heldout`), which `conditions="heldout"` (or
+`--conditions heldout`) then selects. `prompt_splits` reads them.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
 from collections.abc import Sequence
+from pathlib import Path
+
+_SPLIT = re.compile(r"#\s*split\s*:\s*(\S+)\s*$")
 
 
 def load_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -38,3 +45,20 @@ def load_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
             raise ValueError(f"{source}: prompt {p!r} appears twice (ids {seen[p]} and {i}); expected unique prompts")
         seen[p] = i
     return items
+
+
+def prompt_splits(prompts: str | os.PathLike | Sequence[str]) -> dict[str, list[int]]:
+    """Split name → prompt ids, from a prompt file's `# split: NAME` lines ({} for a list or no splits)."""
+    if not isinstance(prompts, (str, os.PathLike)):
+        return {}
+    splits: dict[str, list[int]] = {}
+    current, index = None, 0
+    for line in Path(prompts).expanduser().read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if match := _SPLIT.match(line):
+            current = splits.setdefault(match.group(1), [])
+        elif line and not line.startswith("#"):
+            if current is not None:
+                current.append(index)
+            index += 1
+    return {name: ids for name, ids in splits.items() if ids}
