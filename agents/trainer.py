@@ -200,7 +200,8 @@ class Trainer:
 
         result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward, model=self.policy.backend,
                           num_steps=self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale,
-                          device=self.policy.device, condition_set=self.cfg.conditions)
+                          device=self.policy.device, condition_set=self.cfg.conditions,
+                          progress=self.cfg.progress and self.dist.is_main and n > batch_size)
         return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item(),
                 "result": result}
 

@@ -147,6 +147,11 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from diffenv.sampling import generate
     from diffenv.viz import save_grid
 
+    judge = None
+    if a.judge:  # before sampling, so a bad name fails at once
+        import rewards
+
+        judge = rewards.make(a.judge, mode="correct")
     kwargs = env_kwargs(a)
     if getattr(a, "lora", None):  # the backend is built here, with its options
         kwargs.update(model=load_model(a), model_kwargs=None)
@@ -170,10 +175,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         for name, v in result.components.items():
             if name != a.reward:
                 print(f"  component {name}: {v.mean():.4f}")
-    if a.judge:
-        import rewards
-
-        judge = rewards.make(a.judge, mode="correct")
+    if judge is not None:
         acc = judge(result.images, result.conditions).mean().item()
         print(f"judge accuracy ({a.judge}): {acc:.4f}")
     print(f"NFE per image: {result.nfe_per_image:g}")
