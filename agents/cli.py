@@ -113,7 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return env_cli.run(build_parser().parse_args(argv))
+    from agents.runfolder import RunError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return env_cli.run(a)
+    except RunError as e:  # the run stopped (folder in use, disk full, NaN/inf): one line, exit 1
+        print(f"diffenv {a.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from torch import nn
 
 from diffenv.config import DEFAULT_SAMPLER
 from diffenv.models import DiffusionBackend, load_backend
-from diffenv.models.lora import (adapter_disabled, add_lora, cast_lora_parameters, load_lora, lora_parameters,
-                                 save_lora)
+from diffenv.models.lora import (adapter_disabled, add_lora, cast_lora_parameters, load_lora, lora_file_bytes,
+                                 lora_parameters, save_lora)
 from diffenv.samplers import gaussian_log_prob, make_sampler
 
 
@@ -99,8 +99,14 @@ class DiffusionPolicy(nn.Module):
         return lora_parameters(self.denoiser)
 
     def save_lora(self, path: str | Path) -> Path:
-        return save_lora(self.denoiser, path, self.lora_config,
-                         extra={"model": self.model_name, "sampler": self.sampler_name, "num_steps": self.num_steps})
+        return save_lora(self.denoiser, path, self.lora_config, extra=self._lora_meta())
+
+    def lora_file_bytes(self) -> bytes:
+        """What `save_lora` writes, for callers that write the file themselves (the trainer's run folder)."""
+        return lora_file_bytes(self.denoiser, self.lora_config, extra=self._lora_meta())
+
+    def _lora_meta(self) -> dict[str, Any]:
+        return {"model": self.model_name, "sampler": self.sampler_name, "num_steps": self.num_steps}
 
     def load_lora(self, path: str | Path) -> dict:
         meta = load_lora(self.denoiser, path)

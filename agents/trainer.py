@@ -1,13 +1,14 @@
 """The trainer every algorithm shares: collect → reward → advantages → update, on a budget of images.
 
 It owns what CleanRL repeats per file: rollout collection from the env, minibatching, the optimizer,
-gradient sync under `torchrun`, CSV logging, image grids, atomic checkpoints and exact resume.
+gradient sync under `torchrun`, CSV logging, image grids, checkpoints and exact resume; the run folder's
+lock, crash-safe writes and checksummed checkpoints live in `agents.runfolder`.
 """
 
 from __future__ import annotations
 
-import csv
-import os
+import io
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +21,13 @@ from agents.algos import ALGORITHMS, make_algorithm_config
 from agents.distributed import init_distributed
 from agents.policy import DiffusionPolicy
 from agents.rollout import collect_rollout
+from agents.runfolder import CHECKPOINT, GRIDS, LOG, LORA, RunError, RunFolder, non_finite
 from diffenv.validation import DEVICE, SEED, bounds, validate_fields
 
-CHECKPOINT = "checkpoint.pt"
-LORA = "lora.safetensors"
-LOG = "log.csv"
+CHECKPOINT_FORMAT = 2
+#: what a checkpoint holds (format 2: checksummed, with every log row so log.csv can be rebuilt)
+CHECKPOINT_KEYS = ("format", "train_config", "algo_config", "world_size", "epoch", "images_seen", "nfe_total",
+                   "wall_time", "lora", "optimizer", "algo_state", "rng", "log")
 #: config fields that may differ on --resume (the budget can be extended, paths and display change)
 RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images", "probe_every", "probe_images"}
 
@@ -85,12 +88,16 @@ class Trainer:
         cfg.validate()
         self.cfg, self.out = cfg, Path(cfg.out)
         self.dist = init_distributed(cfg.device)
-        ckpt_file = self.out / CHECKPOINT
-        if resume and not ckpt_file.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_file}")
-        if not resume and self.out.exists() and any(self.out.iterdir()):
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        checkpoint = self._read_checkpoint(ckpt_file) if resume else None
+        self.folder = RunFolder(self.out)
+        self._on_main(lambda: self.folder.acquire(resume))  # first: --out usable, and this run its only writer
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
+        checkpoint = self._read_checkpoint(self.out / CHECKPOINT) if resume else None
 
         self.algo_cfg = make_algorithm_config(cfg.algo, cfg.algo_overrides)
         per_rank, rem = divmod(self.algo_cfg.images_per_epoch, self.dist.world_size)
@@ -117,8 +124,23 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + 2000 + self.dist.rank)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 3000 + self.dist.rank)
         self.epoch, self.images_seen, self.nfe_total, self.wall_time = 0, 0, 0, 0.0
+        self.log_rows: list[dict[str, float]] = []  # every epoch's row; log.csv is their text
+        self._saved: tuple[int, tuple] | None = None  # (epoch, stat) of the checkpoint on disk, once there is one
         if checkpoint is not None:
             self._restore(checkpoint)
+            self._on_main(lambda: self._write_lora_and_log(resumed=True))
+
+    def _on_main(self, fn) -> None:
+        """Run `fn` on rank 0 only; an exception it raises is raised on every rank (none waits for a dead one)."""
+        error = None
+        if self.dist.is_main:
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        first = self.dist.gather_objects(error)[0]  # also the barrier after rank 0's writes
+        if first is not None:
+            raise error if error is not None else first
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict[str, float]:
@@ -129,6 +151,7 @@ class Trainer:
         with torch.no_grad():
             items = self.algo.prepare(rollout)
         diag: dict[str, list[float]] = {}
+        minibatch = 0
         for _ in range(self.algo_cfg.inner_epochs):
             perm = torch.randperm(len(items), generator=self.shuffle_gen).to(items.device)
             for lo in range(0, len(items), self.algo_cfg.minibatch_size):
@@ -137,10 +160,13 @@ class Trainer:
                 out["loss"].backward()
                 self.dist.average_gradients(self.params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.algo_cfg.max_grad_norm)
+                minibatch += 1
+                self._check_update(out["loss"], grad_norm, minibatch)
                 self.optimizer.step()
                 self.algo.after_update()
                 for k, v in {**out, "grad_norm": grad_norm}.items():
                     diag.setdefault(k, []).append(float(v.detach()))
+        self._check_state(f"during epoch {self.epoch + 1}")
         rewards = self.dist.all_gather(rollout["rewards"])
         n_images = len(rewards)
         self.epoch += 1
@@ -153,6 +179,30 @@ class Trainer:
         row.update({k: sum(v) / len(v) for k, v in diag.items()})
         self._last_images = rollout["final_images"]
         return row
+
+    def _check_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, minibatch: int) -> None:
+        """Stop before a NaN/inf loss or gradient reaches the weights (one sync; every rank agrees)."""
+        status = self.dist.all_gather(torch.stack([loss.detach().float(), grad_norm.detach().float()]).view(1, 2))
+        if bool(torch.isfinite(status).all()):
+            return
+        rank, col = (~torch.isfinite(status)).nonzero()[0].tolist()
+        value = status[rank, col].item()
+        kind = "NaN" if math.isnan(value) else f"{value:g}"
+        where = f"epoch {self.epoch + 1}, minibatch {minibatch}" + (f", rank {rank}" if self.dist.active else "")
+        raise RunError(f"{('loss', 'gradient norm')[col]} became {kind} at {where}; {self._intact()}")
+
+    def _check_state(self, when: str) -> None:
+        """Stop when LoRA weights or optimizer/algorithm state hold NaN/inf (never checkpoint them)."""
+        weights = {n: p for n, p in self.policy.denoiser.named_parameters() if p.requires_grad}
+        bad = non_finite({"LoRA weights": weights, "optimizer state": self.optimizer.state_dict()["state"],
+                          "algorithm state": self.algo.state_dict()})  # the same on every rank
+        if bad:
+            raise RunError(f"NaN/inf in {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''} {when}; {self._intact()}")
+
+    def _intact(self) -> str:
+        if self._saved is None:
+            return f"no checkpoint was written to {self.out} yet"
+        return f"the last good checkpoint ({self.out / CHECKPOINT}, epoch {self._saved[0]}) is intact"
 
     @torch.no_grad()
     def kl_to_base(self, rollout, n: int = 16) -> float:
@@ -173,23 +223,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:
+        """Train until the budget; the run folder's lock is held until this returns or raises."""
+        self._on_main(self._relock)
         rows = []
         bar = tqdm(total=self.cfg.images, initial=min(self.images_seen, self.cfg.images), unit="img",
                    desc=f"{self.cfg.algo}", disable=not (self.cfg.progress and self.dist.is_main))
-        while self.images_seen < self.cfg.images:
-            row = self.train_epoch()
-            if self.cfg.probe_every and (self.epoch == 1 or self.epoch % self.cfg.probe_every == 0):
-                row.update(self.probe())
-            rows.append(row)
-            bar.update(min(row["images_seen"], self.cfg.images) - bar.n)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2f}")
-            self._log(row)
-            if self.cfg.grid_every and self.epoch % self.cfg.grid_every == 0 and self.dist.is_main:
-                from diffenv.viz import save_grid
-
-                save_grid(self._last_images[:64], self.out / "grids" / f"epoch_{self.epoch:05d}.png")
-            self.save_checkpoint()
-        bar.close()
+        try:
+            while self.images_seen < self.cfg.images:
+                row = self.train_epoch()
+                if self.cfg.probe_every and (self.epoch == 1 or self.epoch % self.cfg.probe_every == 0):
+                    row.update(self.probe())
+                rows.append(row)
+                self.log_rows.append(row)
+                bar.update(min(row["images_seen"], self.cfg.images) - bar.n)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_to_base']:.2f}")
+                self.save_checkpoint()
+        finally:
+            bar.close()
+            self.folder.release()
         return rows
 
     @torch.no_grad()
@@ -216,36 +267,24 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ persistence
-    def _log(self, row: dict[str, float]) -> None:
-        if not self.dist.is_main:
-            return
-        path = self.out / LOG
-        self.out.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        if new:
-            fields = list(row)
-        else:  # the header written by the first epoch fixes the columns (also across --resume)
-            with path.open(newline="") as f:
-                fields = next(csv.reader(f))
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
     def _rng_state(self) -> dict[str, torch.Tensor]:
         return {"torch": torch.get_rng_state(), "noise_gen": self.noise_gen.get_state(),
                 "shuffle_gen": self.shuffle_gen.get_state(), "env_gen": self.env.generator.get_state()}
 
     def save_checkpoint(self) -> None:
+        """Grid, then checkpoint, then LoRA, then log row, each written whole or not at all: after a kill at
+        any point the folder resumes exactly (see `agents.runfolder`)."""
         rng = self.dist.gather_objects(self._rng_state())
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return
+        self._on_main(lambda: self._write_epoch(rng))
+
+    def _write_epoch(self, rng: list[dict[str, torch.Tensor]]) -> None:
         from diffenv.models.lora import lora_state_dict
 
+        if self.cfg.grid_every and self.epoch % self.cfg.grid_every == 0:
+            self.folder.write_atomic(f"{GRIDS}/epoch_{self.epoch:05d}.png", _grid_png(self._last_images[:64]),
+                                     "image grid", self._intact())
         state = {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "train_config": {k: v for k, v in asdict(self.cfg).items()},
             "algo_config": asdict(self.algo_cfg),
             "world_size": self.dist.world_size,
@@ -255,21 +294,39 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "algo_state": self.algo.state_dict(),
             "rng": rng,
+            "log": self.log_rows,
         }
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)  # atomic: a crash leaves the previous checkpoint intact
-        self.policy.save_lora(self.out / LORA)
-        self.dist.barrier()
+        self.folder.write_checkpoint(state, self._intact())
+        self._saved = (self.epoch, _stat(self.out / CHECKPOINT))
+        self._write_lora_and_log()
+
+    def _write_lora_and_log(self, resumed: bool = False) -> None:
+        """LoRA and log.csv to the checkpoint's epoch (on resume: a kill may have left them one epoch behind)."""
+        written = f"checkpoint.pt (epoch {self.epoch}) is written; --resume restores the LoRA and log from it"
+        self.folder.write_atomic(LORA, self.policy.lora_file_bytes(), "LoRA", written)
+        (self.folder.repair_log if resumed else self.folder.append_log)(self.log_rows, written)
+
+    def _relock(self) -> None:
+        """Take the folder again for a second `train()` call, if no other run has written to it meanwhile."""
+        if self.folder.locked:
+            return
+        self.folder.acquire(resume=self._saved is not None)
+        if self._saved is not None and _stat(self.out / CHECKPOINT) != self._saved[1]:
+            self.folder.release()
+            raise RunError(f"{self.out / CHECKPOINT} changed since this trainer wrote it (epoch {self._saved[0]}): "
+                           "another run used the folder; continue with a new Trainer(..., resume=True)")
 
     def _read_checkpoint(self, path: Path) -> dict:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"checkpoint {path} is corrupt or not a DiffusionSteer checkpoint: {e}") from e
-        if not isinstance(state, dict) or state.get("format") != 1:
-            raise ValueError(f"checkpoint {path} is not a DiffusionSteer checkpoint (format 1)")
+        state = self.folder.read_checkpoint()  # checksum verified
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {missing}; expected a checkpoint of DiffusionSteer's trainer "
+                             f"(format {CHECKPOINT_FORMAT})")
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {path} has format {state['format']!r}; expected {CHECKPOINT_FORMAT}")
+        bad = non_finite({k: state[k] for k in ("lora", "optimizer", "algo_state")})
+        if bad:
+            raise ValueError(f"checkpoint {path} holds NaN/inf in {', '.join(bad[:3])}; it cannot be resumed")
         saved, now = dict(state["train_config"]), asdict(self.cfg)
         # algorithm options compare as resolved values: `--set lr=<the default>` is the same run as no --set
         algo = self.cfg.algo
@@ -286,19 +343,39 @@ class Trainer:
         return state
 
     def _restore(self, state: dict) -> None:
-        from peft import set_peft_model_state_dict
+        from diffenv.models.lora import set_lora_state
 
-        device = self.policy.device
-        set_peft_model_state_dict(self.policy.denoiser, {k: v.to(device) for k, v in state["lora"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.algo.load_state_dict(state["algo_state"])
-        rng = state["rng"][self.dist.rank]
-        torch.set_rng_state(rng["torch"])
-        self.noise_gen.set_state(rng["noise_gen"])
-        self.shuffle_gen.set_state(rng["shuffle_gen"])
-        self.env.generator.set_state(rng["env_gen"])
+        path = self.out / CHECKPOINT
+        set_lora_state(self.policy.denoiser, state["lora"], f"checkpoint {path}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.algo.load_state_dict(state["algo_state"])
+            rng = state["rng"][self.dist.rank]
+            torch.set_rng_state(rng["torch"])
+            self.noise_gen.set_state(rng["noise_gen"])
+            self.shuffle_gen.set_state(rng["shuffle_gen"])
+            self.env.generator.set_state(rng["env_gen"])
+        except (KeyError, IndexError, TypeError, RuntimeError) as e:  # a crafted or foreign checkpoint
+            raise ValueError(f"checkpoint {path} does not fit this trainer: {type(e).__name__}: {e}") from e
         self.epoch, self.images_seen = state["epoch"], state["images_seen"]
         self.nfe_total, self.wall_time = state["nfe_total"], state["wall_time"]
+        self.log_rows = list(state["log"])
+        self._saved = (self.epoch, _stat(path))
+
+
+def _stat(path: Path) -> tuple:
+    s = path.stat()
+    return s.st_ino, s.st_size, s.st_mtime_ns
+
+
+def _grid_png(images: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    from diffenv.viz import image_grid
+
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(images)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def config_field_docs(cls) -> dict[str, str]:
@@ -314,4 +391,4 @@ def config_field_docs(cls) -> dict[str, str]:
     return docs
 
 
-__all__ = ["TrainConfig", "Trainer", "config_field_docs"]
+__all__ = ["CHECKPOINT", "LOG", "LORA", "RunError", "TrainConfig", "Trainer", "config_field_docs"]

@@ -91,16 +91,20 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
 
 
+def lora_file_bytes(model: nn.Module, config: dict, extra: dict | None = None) -> bytes:
+    """The bytes of the safetensors file `save_lora` writes (adapter weights + config as metadata)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    return save(tensors, metadata={_META_KEY: json.dumps({"config": config, **(extra or {})}, sort_keys=True)})
+
+
 def save_lora(model: nn.Module, path: str | Path, config: dict, extra: dict | None = None) -> Path:
     """Write the adapter weights + config to `path` (safetensors), atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    meta = {_META_KEY: json.dumps({"config": config, **(extra or {})}, sort_keys=True)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    tmp.write_bytes(lora_file_bytes(model, config, extra))
     os.replace(tmp, path)
     return path
 
@@ -126,24 +130,30 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_lora(model: nn.Module, path: str | Path) -> dict:
     """Inject (if needed) and fill the adapter from `path`. Returns the file's metadata."""
-    from peft import set_peft_model_state_dict
-
     tensors, meta = read_lora(path)
     if not has_lora(model):
         add_lora(model, rank=meta["config"]["r"], alpha=meta["config"]["lora_alpha"],
                  target_modules=meta["config"]["target_modules"])
+    set_lora_state(model, tensors, f"LoRA file {path}")
+    return meta
+
+
+def set_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Fill the model's adapter with `tensors` (keys and shapes of `lora_state_dict(model)`, else a
+    ValueError that names `source`, e.g. "LoRA file x.safetensors")."""
+    from peft import set_peft_model_state_dict
+
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"LoRA file {path} does not match this model: missing {missing[:3]}, "
+        raise ValueError(f"{source} does not match this model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]} (different base model or target_modules?)")
     bad = [k for k in expected if expected[k].shape != tensors[k].shape]
     if bad:
-        raise ValueError(f"LoRA file {path} has shape {tuple(tensors[bad[0]].shape)} for {bad[0]}, "
+        raise ValueError(f"{source} has shape {tuple(tensors[bad[0]].shape)} for {bad[0]}, "
                          f"expected {tuple(expected[bad[0]].shape)} (different rank or base model?)")
     device = next(model.parameters()).device
     set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()}, adapter_name=ADAPTER)
-    return meta
 
 
 # ------------------------------------------------------------------ diffusers-format export

@@ -1,0 +1,303 @@
+"""The run folder: one writer at a time, crash-safe writes, verified checkpoints, NaN never saved."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import agents.runfolder as runfolder
+from agents.cli import main as cli_main
+from agents.runfolder import RunError, RunFolder
+from agents.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).parents[1]
+SMALL = {"images_per_epoch": 8, "group_size": 4, "minibatch_size": 8}
+#: the same run as `config()`, on the command line
+TRAIN_ARGS = ["train", "--algo", "grpo", "--model", "digits-flow", "--num-steps", "2", "--seed", "0",
+              "--no-progress", *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]]
+
+
+def config(out, images=16, **kw) -> TrainConfig:
+    return TrainConfig(algo="grpo", model="digits-flow", num_steps=2, images=images, out=str(out), seed=0,
+                       progress=False, grid_every=0, algo_overrides={**SMALL, **kw})
+
+
+def worker(out, images, *extra, die=None) -> subprocess.Popen:
+    """`diffenv train` in a fresh process (optionally dying inside a write, see tests/crash_worker.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tests" / "crash_worker.py"), *([die] if die else []), *TRAIN_ARGS,
+           "--images", str(images), "--out", str(out), *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def log_rows(out) -> list[dict[str, str]]:
+    with open(Path(out) / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for_rows(out, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len((Path(out) / "log.csv").read_bytes().splitlines()) > n:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------------ item 4: one writer per folder
+def test_second_run_on_a_live_folder_fails_fast_and_the_lock_dies_with_its_process(tmp_path):
+    out = tmp_path / "run"
+    live = worker(out, 80000)  # ~5000 epochs: runs until killed
+    try:
+        wait_for_rows(out, 1, live)
+        assert live.poll() is None, finish(live)[1][-2000:]
+        in_use = rf"run folder {out} is in use by another run \(pid {live.pid}\)"
+        for resume in (False, True):  # a second trainer, or a --resume of the live run
+            start = time.perf_counter()
+            with pytest.raises(RunError, match=in_use):
+                Trainer(config(out, images=80000), resume=resume)
+            assert time.perf_counter() - start < 5, "refused before any work"
+        rc, err = finish(worker(out, 80000, "--resume"))
+        assert rc == 1 and f"diffenv train: error: run folder {out} is in use by another run (pid {live.pid})" in err
+        assert live.poll() is None, "the live run went on"
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait()
+    resumed = Trainer(config(out, images=80000), resume=True)  # the kernel released the dead process's lock
+    try:
+        rows = log_rows(out)
+        assert [int(r["epoch"]) for r in rows] == list(range(1, resumed.epoch + 1)), "one writer, no interleaving"
+    finally:
+        resumed.folder.release()
+
+
+def test_two_trainers_in_one_process_exclude_each_other_until_train_returns(tmp_path):
+    first = Trainer(config(tmp_path))
+    with pytest.raises(RunError, match="in use by another run"):
+        Trainer(config(tmp_path))
+    first.train()
+    with pytest.raises(FileExistsError, match="already holds a run"):  # the lock is free again
+        Trainer(config(tmp_path))
+    Trainer(config(tmp_path, images=24), resume=True).train()
+    assert first.epoch == 2 and len(log_rows(tmp_path)) == 3
+    first.cfg.images = 32  # training the first trainer further would overwrite the newer run
+    with pytest.raises(RunError, match="changed since this trainer wrote it"):
+        first.train()
+
+
+# ------------------------------------------------------------------ item 5: crash safety
+def test_out_must_be_a_creatable_writable_folder(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(FileExistsError, match=rf"--out {file} is a file; expected a folder"):
+        Trainer(config(file))
+    with pytest.raises(RunError, match=rf"run folder {file / 'run'} cannot be created or written: .*Not a directory"):
+        Trainer(config(file / "run"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"is not empty \(todo.txt\)"):
+        Trainer(config(tmp_path / "notes"))
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"], "a refused folder is untouched"
+    assert cli_main([*TRAIN_ARGS, "--images", "16", "--out", str(file)]) == 2
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_unwritable_out_fails_before_any_work(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(RunError, match="cannot be created or written: .*Permission denied"):
+            Trainer(config(tmp_path / "run"))
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_kills_at_any_moment_resume_to_the_uninterrupted_lora_log_and_grids(tmp_path):
+    """Kills inside each write (checkpoint, LoRA, log) and at random moments, then resume: bit-identical."""
+    images, ref, out = 96, tmp_path / "ref", tmp_path / "run"  # 12 epochs of 8 images
+    grids = ("--grid-every", "2")
+    reference = worker(ref, images, *grids)
+    sigkill, rng = -signal.SIGKILL, random.Random(0)
+
+    def run(die=None, resume=True, kill_after_rows=None):
+        proc = worker(out, images, *grids, *(["--resume"] if resume else []), die=die)
+        if kill_after_rows is not None:
+            wait_for_rows(out, kill_after_rows, proc)
+            time.sleep(rng.uniform(0, 0.15))
+            proc.send_signal(signal.SIGKILL)
+        return finish(proc)
+
+    # epoch 1, inside the first checkpoint write: no checkpoint yet, a torn temp file
+    assert run("checkpoint.pt.tmp:1", resume=False)[0] == sigkill
+    assert not (out / "checkpoint.pt").exists() and (out / "checkpoint.pt.tmp").exists()
+    with pytest.raises(FileNotFoundError, match="stopped before its first checkpoint: start it again without --resume"):
+        Trainer(config(out, images), resume=True)  # nothing to resume ...
+    # ... but it starts again; this time die appending epoch 3's log row (after its checkpoint)
+    assert run("log.csv:2", resume=False)[0] == sigkill
+    assert len(log_rows(out)) == 3 and not (out / "checkpoint.pt.tmp").exists()
+    assert run("lora.safetensors.tmp:3")[0] == sigkill  # epoch 5's LoRA (the 1st is the resume's catch-up)
+    assert run("checkpoint.pt.tmp:2")[0] == sigkill  # epoch 7's checkpoint
+    for _ in range(2):
+        assert run(kill_after_rows=len(log_rows(out)) + 1)[0] in (sigkill, 0)
+    rc, err = run()
+    assert rc == 0, err[-3000:]
+    rc, err = finish(reference)
+    assert rc == 0, err[-3000:]
+
+    assert (out / "lora.safetensors").read_bytes() == (ref / "lora.safetensors").read_bytes()
+    strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in log_rows(out)]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"} for r in log_rows(ref)]
+    assert len(strip) == 12 and (out / "log.csv").read_text().count("\n") == 13
+    pngs = sorted(p.name for p in (ref / "grids").iterdir())
+    assert pngs == sorted(p.name for p in (out / "grids").iterdir()) and len(pngs) == 6
+    assert all((out / "grids" / p).read_bytes() == (ref / "grids" / p).read_bytes() for p in pngs)
+    assert not list(out.rglob("*.tmp"))
+
+
+def _tear_writes_to(monkeypatch, name: str, err: int) -> None:
+    """Writes to files named `name` put half their bytes on disk, then fail with OSError(err)."""
+    real_open = open
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(err, os.strerror(err))
+
+    def open_(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return Failing(f) if Path(path).name == name else f
+
+    monkeypatch.setattr(runfolder, "open", open_, raising=False)
+
+
+@pytest.mark.parametrize("name, err, expected", [
+    ("checkpoint.pt.tmp", errno.ENOSPC, r"disk full while writing checkpoint {out}/checkpoint.pt \(\[Errno 28\] "
+                                        r"No space left on device\); the last good checkpoint \({out}/checkpoint.pt, "
+                                        r"epoch 1\) is intact"),
+    ("lora.safetensors.tmp", errno.ENOSPC, r"disk full while writing LoRA {out}/lora.safetensors .*; checkpoint.pt "
+                                           r"\(epoch 2\) is written; --resume restores the LoRA and log from it"),
+    ("checkpoint.pt.tmp", errno.EIO, r"I/O error while writing checkpoint .*epoch 1\) is intact"),
+])
+def test_failed_writes_say_what_happened_and_keep_the_previous_files(tmp_path, monkeypatch, name, err, expected):
+    Trainer(config(tmp_path, images=8)).train()
+    before = {p: (tmp_path / p).read_bytes() for p in ("checkpoint.pt", "lora.safetensors", "log.csv")}
+    trainer = Trainer(config(tmp_path, images=16), resume=True)
+    _tear_writes_to(monkeypatch, name, err)
+    with pytest.raises(RunError, match=expected.format(out=tmp_path)):
+        trainer.train()
+    monkeypatch.undo()
+    if name == "checkpoint.pt.tmp":
+        assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    assert not list(tmp_path.glob("*.tmp"))
+    resumed = Trainer(config(tmp_path, images=16), resume=True)  # the lock was released; the folder resumes
+    assert resumed.epoch == (1 if name == "checkpoint.pt.tmp" else 2) and len(log_rows(tmp_path)) == resumed.epoch
+
+
+# ------------------------------------------------------------------ item 6: integrity
+def test_flipped_bytes_in_the_checkpoint_are_refused_and_the_good_lora_kept(tmp_path, capsys):
+    assert cli_main([*TRAIN_ARGS, "--images", "8", "--out", str(tmp_path)]) == 0
+    lora, ckpt = (tmp_path / "lora.safetensors").read_bytes(), bytearray((tmp_path / "checkpoint.pt").read_bytes())
+    for i in range(4):  # 4 bytes in the middle of the payload, as a bad disk or copy would
+        ckpt[len(ckpt) // 2 + 97 * i] ^= 0x5A
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(ckpt))
+    capsys.readouterr()
+    assert cli_main([*TRAIN_ARGS, "--images", "16", "--out", str(tmp_path), "--resume"]) == 2
+    assert f"checkpoint {tmp_path}/checkpoint.pt is corrupt (checksum mismatch)" in capsys.readouterr().err
+    assert (tmp_path / "lora.safetensors").read_bytes() == lora
+    assert (tmp_path / "checkpoint.pt").read_bytes() == bytes(ckpt) and len(log_rows(tmp_path)) == 1
+
+
+def _rewrite_checkpoint(out, edit) -> None:
+    """Change the checkpoint's dict and store it with a valid checksum (only the content is wrong)."""
+    folder = RunFolder(out)
+    state = folder.read_checkpoint()
+    edit(state)
+    folder.write_checkpoint(state, intact="")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: [s.pop("optimizer"), s.pop("rng")], r"lacks \['optimizer', 'rng'\]; expected a checkpoint"),
+    (lambda s: s["optimizer"]["state"][0]["exp_avg"].view(-1)[3:5].fill_(float("nan")),
+     r"holds NaN/inf in optimizer.state.0.exp_avg; it cannot be resumed"),
+    (lambda s: next(iter(s["lora"].values())).fill_(float("inf")), r"holds NaN/inf in lora\..*lora_[AB]"),
+    (lambda s: s["rng"][0].pop("noise_gen"), r"does not fit this trainer: KeyError: 'noise_gen'"),
+    (lambda s: s.update(format=1), r"has format 1; expected 2"),
+])
+def test_checkpoints_with_missing_or_non_finite_entries_are_refused(tmp_path, edit, expected):
+    Trainer(config(tmp_path, images=8)).train()
+    _rewrite_checkpoint(tmp_path, edit)
+    lora = (tmp_path / "lora.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=expected):
+        Trainer(config(tmp_path), resume=True)
+    assert (tmp_path / "lora.safetensors").read_bytes() == lora
+
+
+@pytest.mark.parametrize("break_at, expected", [
+    ("loss", r"loss became NaN at epoch 2, minibatch 1; the last good checkpoint \({out}/checkpoint.pt, epoch 1\) "
+             r"is intact"),
+    ("weights", r"NaN/inf in LoRA weights\..*lora_B.* during epoch 2; the last good checkpoint .*epoch 1\) is intact"),
+    ("first_loss", r"loss became inf at epoch 1, minibatch 1; no checkpoint was written to {out} yet"),
+])
+def test_non_finite_training_stops_with_the_cause_and_keeps_the_good_checkpoint(tmp_path, break_at, expected):
+    cfg = lambda images: config(tmp_path, images=images, minibatch_size=16)  # noqa: E731 (one minibatch an epoch)
+    trainer = Trainer(cfg(24))
+    loss, step = trainer.algo.loss, trainer.optimizer.step
+    epoch_of_break = 1 if break_at == "first_loss" else 2
+
+    def bad_loss(items):
+        out = loss(items)
+        if trainer.epoch + 1 == epoch_of_break:  # a constant: the gradient stays finite, only the loss is not
+            out["loss"] = out["loss"] + float("nan" if break_at == "loss" else "inf")
+        return out
+
+    def bad_step(*a, **k):
+        step(*a, **k)
+        if trainer.epoch + 1 == epoch_of_break:
+            with torch.no_grad():
+                next(p for n, p in trainer.policy.denoiser.named_parameters() if "lora_B" in n)[0].fill_(float("nan"))
+
+    if break_at == "weights":
+        trainer.optimizer.step = bad_step
+    else:
+        trainer.algo.loss = bad_loss
+    files = {}
+    if epoch_of_break == 2:
+        trainer.cfg.images = 8
+        trainer.train()
+        files = {p: (tmp_path / p).read_bytes() for p in ("checkpoint.pt", "lora.safetensors", "log.csv")}
+        trainer.cfg.images = 24
+    with pytest.raises(RunError, match=expected.format(out=tmp_path)):
+        trainer.train()
+    assert {p: (tmp_path / p).read_bytes() for p in files} == files, "the good files are untouched"
+    if epoch_of_break == 2:
+        assert Trainer(cfg(24), resume=True).epoch == 1
+    else:  # stopped before its first checkpoint: the folder starts again
+        assert not (tmp_path / "checkpoint.pt").exists() and Trainer(cfg(24)).epoch == 0
