@@ -50,17 +50,19 @@ class Range:
                 and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
 
     def __str__(self) -> str:
-        def num(x):
-            return "2**63 - 1" if x == MAX_SEED else f"{x:g}" if isinstance(x, float) else str(x)
+        """'>= 1', '> 0', 'in [0, 1]', 'in [0, 2**63 - 1]' (+ ' (inf allowed)')."""
+        lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else ""
+        hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else ""
+        if lo and hi:
+            text = f"in {lo}, {hi}"
+        else:
+            ops = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            text = " and ".join(f"{op} {_num(v)}" for op, v in ops if v is not None)
+        return text if self.finite else f"{text} (inf allowed)".strip()
 
-        lo = (f"[{num(self.ge)}" if self.ge is not None else f"({num(self.gt)}") if (
-            self.ge is not None or self.gt is not None) else None
-        hi = (f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})") if (
-            self.le is not None or self.lt is not None) else None
-        text = f"in {lo}, {hi}" if lo and hi else \
-            f">= {num(self.ge)}" if self.ge is not None else f"> {num(self.gt)}" if self.gt is not None else \
-            f"<= {num(self.le)}" if self.le is not None else f"< {num(self.lt)}" if self.lt is not None else ""
-        return (f"{text} (inf allowed)" if text else "(inf allowed)") if not self.finite else text
+
+def _num(x: float) -> str:
+    return "2**63 - 1" if x == MAX_SEED else f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def bounds(ge=None, gt=None, le=None, lt=None, finite: bool = True) -> dict:
@@ -96,8 +98,7 @@ def describe(tp, rng: Range | None = None, text: bool = False) -> str:
     suffix = f" {rng}" if rng else ""
     if _is_union(tp):
         parts = [describe(a, rng, text) for a in _args(tp) if a is not type(None)]
-        text = " or ".join(dict.fromkeys(parts))
-        return text + (" or None" if type(None) in _args(tp) else "")
+        return " or ".join(dict.fromkeys(parts)) + (" or None" if type(None) in _args(tp) else "")
     if typing.get_origin(tp) is Literal:
         return f"one of {_args(tp)}"
     if tp is bool:
@@ -130,18 +131,26 @@ def _check_type(value, tp, rng: Range | None):
         if value is None and type(None) in _args(tp):
             return None
         errors = []
-        for alt in _args(tp):
-            if alt is type(None):
-                continue
+        for alt in (a for a in _args(tp) if a is not type(None)):
             try:
                 return _check_type(value, alt, rng)
             except (TypeError, ValueError) as e:
                 errors.append(e)
-        raise next((e for e in errors if isinstance(e, ValueError) and not isinstance(e, TypeError)), errors[0])
-    if typing.get_origin(tp) is Literal:
+        raise next((e for e in errors if not isinstance(e, TypeError)), errors[0])  # "out of range" wins
+    if typing.get_origin(tp) is Literal:  # True must not pass for 1, nor 1 for True
         if value not in _args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in _args(tp)):
             raise ValueError
         return value
+    if _is_sequence(tp):
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise TypeError
+        inner = _args(tp)[0] if _args(tp) and _args(tp)[0] is not Ellipsis else Any
+        items = [_check_type(v.item() if hasattr(v, "item") else v, inner, rng) for v in value]  # numpy/torch
+        return tuple(items) if tp is tuple or typing.get_origin(tp) is tuple else items
+    return _check_scalar(value, tp, rng)
+
+
+def _check_scalar(value, tp, rng: Range | None):
     if tp is bool:
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError
@@ -151,24 +160,11 @@ def _check_type(value, tp, rng: Range | None):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, ok):
             raise TypeError
         value = tp(value)
-        if (rng and not rng.contains(value)) or (tp is float and not rng and not math.isfinite(value)):
+        if not (rng or Range()).contains(value):  # floats are finite unless the range admits inf
             raise ValueError
         return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError
-        return value
     if tp is dict or typing.get_origin(tp) is dict:
-        if not isinstance(value, dict):
-            raise TypeError
-        return value
-    if _is_sequence(tp):
-        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-            raise TypeError
-        inner = _args(tp)[0] if _args(tp) and _args(tp)[0] is not Ellipsis else Any
-        items = [_check_type(v.item() if hasattr(v, "item") and not isinstance(v, str) else v, inner, rng)
-                 for v in value]
-        return tuple(items) if typing.get_origin(tp) is tuple or tp is tuple else items
+        tp = dict
     if isinstance(tp, type) and not isinstance(value, tp):
         raise TypeError
     return value
