@@ -232,7 +232,29 @@ class DiffusionSteerVectorEnv(VectorEnv):
 
     def _predict(self, latents: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
         t = self.sampler.model_timesteps[step_index.clamp(max=self.cfg.num_steps - 1)]
-        return self.backend.predict(latents, t, self.conditions, self.cfg.guidance_scale)
+        out = self.backend.predict(latents, t, self.conditions, self.cfg.guidance_scale)
+        if not bool(torch.isfinite(out).all()):  # one fused check per call; the diagnosis runs only on failure
+            raise ValueError(self._non_finite_output(latents, t, out, step_index))
+        return out
+
+    def _non_finite_output(self, latents, t, out, step_index) -> str:
+        """Where a NaN/inf model output comes from (the latent, the guidance or the model), so it is not
+        reported later as a NaN reward."""
+        rows = (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten()
+        k = int(step_index[rows[0]])
+        where = f"the model output is NaN/inf at denoising step {k} (sub-envs {rows[:8].tolist()})"
+        bad, w = latents[rows], self.cfg.guidance_scale
+        amplified = f", or guidance_scale={w:g} amplifying the model output" if w != 1.0 else ""
+        if not bool(torch.isfinite(bad).all()):
+            return f"{where}: its input latent is already NaN/inf (from actions that overflow{amplified})"
+        size = bad.abs().amax().item()
+        if size > 1e4:  # latents are O(1) (x_T ~ N(0, I)); this size only comes from huge actions or guidance
+            return (f"{where}: its input latent is far out of range (max |x| = {size:.3g}), "
+                    f"from actions that large{amplified}")
+        if w != 1.0 and bool(torch.isfinite(self.backend.predict(latents, t, self.conditions, 1.0)).all()):
+            return (f"{where}: classifier-free guidance with guidance_scale={w:g} overflows "
+                    "(the unguided output is finite)")
+        return f"{where} for an in-range latent: the model's weights (or its LoRA) hold NaN/inf, or it overflows"
 
     def _transition(self, actions: torch.Tensor, active: torch.Tensor) -> None:
         k = self.step_index

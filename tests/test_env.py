@@ -360,3 +360,29 @@ def test_observations_and_info_do_not_alias_env_state(autoreset_mode):
         obs["latent"][...] = 7
         obs, obs_ref = single.step(np.zeros((1, 8, 8), np.float32))[0], single_ref.step(np.zeros((1, 8, 8), np.float32))[0]
         np.testing.assert_array_equal(obs["latent"], obs_ref["latent"])
+
+
+@pytest.mark.parametrize("kw, action, expected", [
+    (dict(guidance_scale=1e30), 0.0,
+     r"step 1 .*: its input latent is far out of range \(max \|x\| = .*\), from actions that large, "
+     r"or guidance_scale=1e\+30 amplifying the model output"),
+    (dict(guidance_scale=1e39), 0.0, r"step 0 .*: classifier-free guidance with guidance_scale=1e\+39 overflows"),
+    (dict(action_bound=math.inf), 1e30,
+     r"step 1 \(sub-envs \[0, 1, 2, 3\]\): its input latent is far out of range \(max \|x\| = .*e\+\d\d\), "
+     r"from actions that large$"),
+    (dict(action_bound=math.inf, action_mode="initial_noise"), 1e30, r"step 0 .*far out of range"),
+    (dict(nan_weights=True), 0.0,
+     r"step 0 .* for an in-range latent: the model's weights \(or its LoRA\) hold NaN/inf"),
+])
+def test_non_finite_model_output_names_its_source_not_the_reward(kw, action, expected):
+    kw = dict(kw)
+    nan_weights = kw.pop("nan_weights", False)
+    env = make(4, model="digits-flow", reward="digit_classifier", **kw)
+    if nan_weights:
+        with torch.no_grad():
+            next(env.backend.denoiser.parameters()).view(-1)[0] = float("nan")
+    env.reset()
+    with pytest.raises(ValueError, match=expected) as err:
+        for _ in range(env.episode_length):
+            env.step(torch.full((4, 1, 8, 8), action))
+    assert "the model output is NaN/inf" in str(err.value) and "reward" not in str(err.value)
