@@ -1,4 +1,4 @@
-"""Advantage estimates from terminal rewards (DESIGN §7), shared by every algorithm."""
+"""Advantage estimates from terminal rewards (docs/design.md §7.1), shared by every algorithm."""
 
 from __future__ import annotations
 

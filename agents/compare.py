@@ -1,4 +1,4 @@
-"""`diffenv compare`: the RL-vs-CFG benchmark (DESIGN §6), configured by a TOML file, resumable.
+"""`diffenv compare`: the RL-vs-CFG benchmark (docs/design.md §6), configured by a TOML file, resumable.
 
 For each task (model × reward × steps) it evaluates, with one protocol, the same eval seeds and
 balanced conditions (`agents.evaluation`):
@@ -56,6 +56,8 @@ class Task:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=SEED)
     eval_images: int = field(default=1000, metadata=bounds(ge=2))
     eval_seed: int = field(default=0, metadata=SEED)
+    eval_conditions: str | list[int | str] | None = None
+    """condition ids or split names every entry is evaluated on, balanced (None: the model's default set)"""
     probe_every: int = field(default=5, metadata=bounds(ge=0))
     probe_images: int = field(default=200, metadata=bounds(ge=2))
     algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -112,12 +114,13 @@ def load_tasks(path: str | Path, quick: bool = False) -> list[Task]:
 
 # ---------------------------------------------------------------------- evaluation of one entry
 def _metrics(result, task: Task) -> dict[str, float]:
-    from agents.evaluation import image_metrics
+    from agents.evaluation import task_metrics
 
     row = {"reward_mean": result.rewards.mean().item(), "nfe_per_image": result.nfe_per_image,
            "ms_per_image": 1e3 * result.seconds_per_image}
-    if task.model.startswith("digits"):
-        row.update(image_metrics(result.images, result.conditions))
+    metrics = task_metrics(task.model)
+    if metrics is not None:
+        row.update(metrics(result.images, result.conditions))
     return row
 
 
@@ -125,7 +128,8 @@ def eval_model(task: Task, model, guidance_scale: float = 1.0):
     from diffenv.sampling import generate
 
     return generate(task.eval_images, seed=task.eval_seed, model=model, reward=task.reward, warmup=True,
-                    num_steps=task.num_steps, sampler=task.sampler, guidance_scale=guidance_scale)
+                    num_steps=task.num_steps, sampler=task.sampler, guidance_scale=guidance_scale,
+                    condition_set=task.eval_conditions)
 
 
 def eval_best_of_n(task: Task, n_candidates: int):
@@ -135,7 +139,7 @@ def eval_best_of_n(task: Task, n_candidates: int):
     from diffenv import DiffusionSteerVectorEnv
 
     env = DiffusionSteerVectorEnv(num_envs=min(250, task.eval_images), model=task.model, reward=task.reward,
-                                  num_steps=task.num_steps, sampler=task.sampler)
+                                  num_steps=task.num_steps, sampler=task.sampler, conditions=task.eval_conditions)
     cond = balanced_conditions(task.eval_images, env.condition_set.tolist())  # as every other entry
     generate(min(250, task.eval_images), env=env, seed=task.eval_seed)  # warm-up, untimed
     start = time.perf_counter()

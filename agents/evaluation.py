@@ -1,4 +1,4 @@
-"""One evaluation protocol for every model in a comparison (DESIGN §6).
+"""One evaluation protocol for every model in a comparison (docs/design.md §6).
 
 For a set of generated images with their conditions:
 - `reward_mean`: the training reward;
@@ -75,3 +75,60 @@ def image_metrics(images: torch.Tensor, conditions: torch.Tensor) -> dict[str, f
     return {"judge_accuracy": float(acc), "judge_log_prob": float(log_p.mean()),
             "fd": frechet_distance(mu, sigma, *reference_stats()),
             "class_variance": class_variance(images, conditions)}
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+@lru_cache(maxsize=1)
+def _shapes_judge():
+    return rewards.make("shapes_judge")
+
+
+def within_prompt_distance(images: torch.Tensor, conditions: torch.Tensor) -> float:
+    """Diversity: mean over conditions with ≥ 2 images of the mean pairwise RMS pixel distance between its images
+    (0 = identical images; two independent uniform images are ≈ 0.41 apart). NaN if no condition has 2 images."""
+    flat = images.flatten(1).double().cpu()
+    conditions = conditions.cpu()
+    per = []
+    for c in conditions.unique():
+        x = flat[conditions == c]
+        if len(x) > 1:
+            d = torch.cdist(x, x) / x.shape[1] ** 0.5
+            per.append(d.sum() / (len(x) * (len(x) - 1)))
+    return float(torch.stack(per).mean()) if per else float("nan")
+
+
+def shapes_metrics(images: torch.Tensor, conditions: torch.Tensor, prompts: list[str] | None = None
+                   ) -> dict[str, float]:
+    """The shapes task's protocol for images [N, 3, 32, 32]: held-out judge (`shapes_judge`) exact prompt accuracy
+    overall, per prompt kind on training prompts and on held-out prompts (`judge_acc_<kind>_<split>`), the
+    judge's prompt probability, and within-prompt diversity (`within_prompt_distance`)."""
+    from rewards import shapes_task
+
+    judge = _shapes_judge()
+    images, conditions = images.float().cpu(), conditions.long().cpu()
+    prompts = list(prompts) if prompts is not None else judge.prompts
+    if prompts != judge.prompts:
+        raise ValueError("shapes_metrics: the images' prompt set differs from the judge's; expected the `shapes` "
+                         "model's condition set (rewards.shapes_task.model_prompts())")
+    ok = judge.satisfied(images, conditions).double()
+    row = {"judge_accuracy": float(ok.mean()),
+           "judge_prompt_prob": float(judge.components(images, conditions)["prompt_prob"].mean()),
+           "within_prompt_distance": within_prompt_distance(images, conditions)}
+    held = set(shapes_task.split_prompts("heldout"))
+    kinds = judge.kinds(conditions)
+    split = ["heldout" if prompts[c] in held else "train" for c in conditions.tolist()]
+    for kind in shapes_task.KINDS:
+        for s in ("train", "heldout"):
+            mask = torch.tensor([k == kind and sp == s for k, sp in zip(kinds, split)])
+            if mask.any():
+                row[f"judge_acc_{kind}_{s}"] = float(ok[mask].mean())
+    return row
+
+
+def task_metrics(model_name: str):
+    """The image metrics of a model's task (`fn(images, conditions) -> dict`), or None for a model without one."""
+    if model_name.startswith("digits"):
+        return image_metrics
+    if model_name == "shapes":
+        return shapes_metrics
+    return None

@@ -1,7 +1,7 @@
 """`DiffusionPolicy`: a backend's denoiser + a LoRA adapter + the env's sampler, as an RL policy.
 
 One denoising step is the Gaussian `π_θ(x_{t−1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I)` of the env's
-own sampler (DESIGN §3, §5), so the policy's log-prob of a transition is exactly the env sampler's.
+own sampler (docs/design.md §3, §5), so the policy's log-prob of a transition is exactly the env sampler's.
 The reference policy (for KL terms) is the same network with the adapter disabled: the frozen base.
 """
 

@@ -80,11 +80,12 @@ class EnvConfig:
         self.condition_ids(backend)
 
     def condition_ids(self, backend) -> list[int]:
-        """The condition set: every id (None), or the selected ids and the ids of selected split names
+        """The condition set: the model's default (`backend.default_conditions`, else every id) for None, or the selected ids and the ids of selected split names
         (`backend.condition_splits`, e.g. a prompt file's `# split: heldout` sections), sorted, unique."""
         n = backend.n_conditions
         if self.conditions is None:
-            return list(range(n))
+            default = getattr(backend, "default_conditions", None)
+            return sorted(default) if default is not None else list(range(n))
         splits = getattr(backend, "condition_splits", None) or {}
         items = [self.conditions] if isinstance(self.conditions, str) else list(self.conditions)
         expected = f"ids in 0..{n - 1}" + (f" or split names {sorted(splits)}" if splits else

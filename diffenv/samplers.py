@@ -1,4 +1,4 @@
-"""Per-step Gaussian transitions with exact log-probs (DESIGN §3).
+"""Per-step Gaussian transitions with exact log-probs (docs/design.md §3).
 
 Every sampler step is a Gaussian policy `x_{k+1} ~ N(mean_k(x_k, model_output), std_k² I)`, where
 `k = 0..K-1` counts steps from the noisiest one. Each sample of a batch may sit at a different step

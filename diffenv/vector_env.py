@@ -140,8 +140,8 @@ class DiffusionSteerVectorEnv(VectorEnv):
         bad = c[~torch.isin(c, self.condition_set)]
         if len(bad):
             raise ValueError(
-                f"conditions {sorted(set(bad.tolist()))} are not in this env's condition set "
-                f"{self.condition_set.tolist()}"
+                f"conditions {sorted(set(bad.tolist()))[:10]} are not in this env's condition set "
+                f"{_summary(self.condition_set.tolist())}; select them with the env's `conditions` argument"
             )
         if not (c.view(-1, self.cfg.group_size) == c.view(-1, self.cfg.group_size)[:, :1]).all():
             raise ValueError(f"conditions must be equal within each group of group_size={self.cfg.group_size}")
@@ -339,3 +339,8 @@ class DiffusionSteerVectorEnv(VectorEnv):
 
     def close_extras(self, **kwargs: Any) -> None:
         self._started = False
+
+
+def _summary(ids: list[int], limit: int = 12) -> str:
+    """A condition set for an error message: all ids when few, else the first ones and the count."""
+    return str(ids) if len(ids) <= limit else f"[{', '.join(map(str, ids[:limit]))}, ...] ({len(ids)} ids)"

@@ -6,7 +6,7 @@ latent, timestep), and the agent is an MLP Gaussian over the per-step noise ε (
 any gymnasium agent works on this env. Structure and names follow CleanRL's `ppo_continuous_action.py`
 (Huang et al. 2022); γ = 1 because the reward is terminal.
 
-    python examples/cleanrl_style.py            # ~30 s on a 2-core CPU
+    python examples/cleanrl_style.py            # default budget (wall time: README)
     python examples/cleanrl_style.py --smoke    # seconds (CI)
 """
 

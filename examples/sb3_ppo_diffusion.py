@@ -5,7 +5,7 @@ N(μ_θ(x_t, t, c), σ_t² I) where μ_θ is the LoRA-adapted denoiser and σ_t 
 SB3 supplies everything else: rollout buffer, GAE critic (γ = 1), advantage normalisation, clipping.
 The trained policy is saved and reloaded with `PPO.load` to show the round trip.
 
-    python examples/sb3_ppo_diffusion.py            # ~1 min on a 2-core CPU
+    python examples/sb3_ppo_diffusion.py            # default budget (wall time: README)
     python examples/sb3_ppo_diffusion.py --smoke    # seconds (CI)
 """
 

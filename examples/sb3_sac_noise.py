@@ -12,7 +12,7 @@ SAC squashes actions into `[−action_bound, action_bound]`; a bound of 1.5 make
 noise about as wide as N(0, I), so training starts near the base sampler. The evaluation reports the
 sampled policy (diverse images) and its mean action (one image per condition in `initial_noise` mode).
 
-    python examples/sb3_sac_noise.py                 # ~1 min on a 2-core CPU
+    python examples/sb3_sac_noise.py                 # default budget (wall time: README)
     python examples/sb3_sac_noise.py --action-mode noise
     python examples/sb3_sac_noise.py --smoke         # seconds (CI)
 """

@@ -4,11 +4,11 @@ The env runs in `action_mode="latent"`: the actor *is* the diffusion policy, one
 step, π_θ(x_{t−1} | x_t, c) = N(μ_θ, σ_t² I) with exact log-probs. No critic: the advantage is the
 group-normalised terminal reward (GRPO, Liu et al. 2025), broadcast to every step of the episode.
 
-    python examples/torchrl_ppo_diffusion.py            # ~30 s on a 2-core CPU
+    python examples/torchrl_ppo_diffusion.py            # default budget (wall time: README)
     python examples/torchrl_ppo_diffusion.py --smoke    # seconds (CI)
 
 Default regime: the rectified-flow digits model with 3 flow-SDE steps, where the unguided model is
-far from the ~99 % accuracy it reaches at 10 steps, so the reward has headroom.
+far from its accuracy at 10 steps (README, Embedded models), so the reward has headroom.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The actor is a small CNN Gaussian over ε whose mean starts at 0 with std 1, i.e
 *is* the base sampler; `action_bound` clamps ε (the implicit regulariser). A value network on the same
 observation gives GAE advantages (γ = 1: the reward is terminal).
 
-    python examples/torchrl_ppo_noise.py            # ~30 s on a 2-core CPU
+    python examples/torchrl_ppo_noise.py            # default budget (wall time: README)
     python examples/torchrl_ppo_noise.py --smoke    # seconds (CI)
 """
 

@@ -1,4 +1,4 @@
-"""Reward functions for steering diffusion models (DESIGN §4).
+"""Reward functions for steering diffusion models (docs/design.md §4).
 
 A reward maps `images [B, C, H, W] in [0, 1]` and `conditions [B]` to a float32 tensor `[B]`::
 

@@ -1,4 +1,4 @@
-"""What a reward is (DESIGN §4): `images [B, C, H, W] in [0, 1], conditions [B] -> float32 [B]`.
+"""What a reward is (docs/design.md §4): `images [B, C, H, W] in [0, 1], conditions [B] -> float32 [B]`.
 
 `Reward.forward` is the boundary every reward shares: it checks the inputs, runs `score` (under
 `torch.no_grad()` unless the reward is differentiable and grad is on), and checks the output. A

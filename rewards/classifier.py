@@ -10,7 +10,7 @@ Both classify 8×8 digits in [0, 1] and score an image by how well it shows its 
 
 The judge has a different architecture and its own training run (same train split, different
 seed stream), so an agent that exploits the reward CNN's blind spots is not also graded by it
-(DESIGN §6). Probabilities are temperature-scaled on a calibration slice of the train split, so
+(docs/design.md §6). Probabilities are temperature-scaled on a calibration slice of the train split, so
 `log_prob` is a calibrated log-likelihood. Weights ship as safetensors in `rewards/weights/` and are
 rebuilt by `python -m rewards.train_classifiers`.
 """

@@ -4,7 +4,7 @@ Both networks train on the *train* split of `diffenv.data` (90 % for fitting, 10
 softmax temperature), with light augmentation (±1-pixel shifts, small Gaussian pixel noise) so they
 stay sensible on generated images, which are continuous-valued and slightly off-centre unlike the
 0..16-level scans. Held-out numbers come from the *test* split and go to `metrics.json`.
-Runs deterministically on CPU (about a minute on one core).
+Runs deterministically on CPU (wall time: docs/design.md §11).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every algorithm in `ALGORITHMS` on the invariants of DESIGN §5, the signs of FDFO and DiffusionNFT on a
+"""Every algorithm in `ALGORITHMS` on the invariants of docs/design.md §5, the signs of FDFO and DiffusionNFT on a
 toy reward, exact resume of the algorithms' own state, and (slow) fixed-seed learning checks.
 
 What "ratio = 1 at θ_old" and "zero advantages ⇒ zero update" mean per algorithm:
@@ -91,7 +91,7 @@ def backward(algo, items):
     return out
 
 
-# --------------------------------------------------------------------------- invariants (DESIGN §5)
+# --------------------------------------------------------------------------- invariants (docs/design.md §5)
 @pytest.mark.parametrize("name, model", CASES)
 def test_ratio_is_one_at_old_parameters(name, model):
     algo, policy, env = build(name, model)

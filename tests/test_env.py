@@ -1,4 +1,4 @@
-"""DiffusionSteer-v0: the MDP contract of DESIGN §1 on the embedded models."""
+"""DiffusionSteer-v0: the MDP contract of docs/design.md §1 on the embedded models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FDFO (McAllister et al. 2026, arXiv 2603.12893), written from the equations of DESIGN §7.
+"""FDFO (McAllister et al. 2026, arXiv 2603.12893), written from the equations of docs/design.md §7.6.
 
 Rollouts come in pairs that start from the same x_T (`group_size=2`, `share_noise=True`) and diverge
 only through a small stochastic "churn" (a small flow-SDE `noise_level` / DDIM `eta`). The pair's
@@ -17,7 +17,7 @@ the endpoint toward the higher-reward member (x0¹ if ΔR > 0, x0² if ΔR < 0);
 ρ = 1 + ε·sign(ΔR) the per-state optimum, a trust region. `tests/test_algos.py` checks it on the real
 models with a brightness reward: a few steps on one batch make the resampled endpoints (same seeds)
 brighter, or darker for the negated reward, and move them toward each pair's better member (weighted by
-|ΔR|). With the sign flipped, the digit reward falls (0.83 → 0.39 in the learning regime of the tests).
+|ΔR|). With the sign flipped, the digit reward falls in the learning regime of the tests (docs/design.md §11).
 
 Member 2's states use the same formulas from its own side, ΔR² = −ΔR and d² = −d (first-order identical).
 That is the same as `ΔR_i = R_i − mean_group R` and `d_i = x0_i − mean_group x0`, which is how it is
@@ -30,7 +30,7 @@ are unchanged. This is a per-step rescaling of the flow version, not an equivale
 x̂0 by √(1−ᾱ)/√ᾱ · δ (clipped by `clip_sample`), so the same ρ trust region allows larger endpoint moves
 at high noise. Mapping ε̂ to the equivalent flow velocity instead would make ρ diverge as 1/√ᾱ at the
 first step (ᾱ ≈ 2e-9 on the embedded cosine schedule). Both families are supported; the toy sign test
-and a learning run (digits-eps, guidance 0.5: 0.786 → 0.864 in 1024 images) pass on ε-models too.
+and a learning run (digits-eps, guidance 0.5, 1024 images; docs/design.md §11) pass on ε-models too.
 """
 
 from __future__ import annotations

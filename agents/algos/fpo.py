@@ -17,8 +17,8 @@ t ~ U(0, 1), the distribution the flow model was trained on (network timestep `T
 Families: rectified flow only (`families = ("flow",)`). The FPO-for-diffusion variant for ε-models —
 the model's own ε-MSE at the DDPM noising `x_τ = √ᾱ_τ a + √(1−ᾱ_τ) ε` as the "CFM loss", a weighted
 ELBO like any denoising loss (Kingma & Gao 2023) — is what `ForwardProcess` would give, and it was
-tried: on digits-eps it *lowered* the reward (1 step: 0.83 → 0.55; 3 DDIM steps at guidance 0.5:
-0.815 → 0.75, 1–2k images), while the same code raised it on digits-flow. Uniform-τ ε-MSE puts little
+tried: on digits-eps it *lowered* the reward (figures and commit: docs/design.md §11),
+while the same code raised it on digits-flow. Uniform-τ ε-MSE puts little
 weight on the high-noise levels where a sample's structure is decided; re-weighting it to the flow
 velocity error, ((√ᾱ + √(1−ᾱ))/√ᾱ)², diverges as ᾱ → 0 (NaN over the full range, and still a lower
 reward when truncated at flow time 0.95). So ε-models are refused rather than trained with a

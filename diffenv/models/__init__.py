@@ -1,4 +1,4 @@
-"""Denoiser backends behind one interface (DESIGN §2) and the registry that builds them by name."""
+"""Denoiser backends behind one interface (docs/design.md §2) and the registry that builds them by name."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from diffenv.models.base import DiffusionBackend, nfe_per_step
 from diffenv.models.embedded import EMBEDDED_MODELS, EmbeddedDigitsBackend
+from diffenv.models.shapes import SHAPES_MODELS, load_shapes_backend
 
 __all__ = ["DiffusionBackend", "EmbeddedDigitsBackend", "load_backend", "load_tuned_backend", "model_names",
            "nfe_per_step"]
@@ -18,7 +19,7 @@ DIFFUSERS_PREFIXES = ("sd:", "sdxl:", "sd3:", "flux:")
 
 def model_names() -> list[str]:
     """Names `load_backend` accepts: the embedded models, and `<prefix>PATH` specs for diffusers pipelines."""
-    return [*EMBEDDED_MODELS, *(f"{p}PATH" for p in DIFFUSERS_PREFIXES)]
+    return [*EMBEDDED_MODELS, *SHAPES_MODELS, *(f"{p}PATH" for p in DIFFUSERS_PREFIXES)]
 
 
 def load_backend(model: str | DiffusionBackend, device: str | torch.device = "cpu", **backend_kwargs) -> DiffusionBackend:
@@ -27,6 +28,7 @@ def load_backend(model: str | DiffusionBackend, device: str | torch.device = "cp
     | model | backend | `backend_kwargs` |
     |---|---|---|
     | `"digits-eps"`, `"digits-flow"` | `EmbeddedDigitsBackend` | none |
+    | `"shapes"` (embedded `StableDiffusionPipeline`, `diffenv.models.shapes`) | `DiffusersBackend` | `torch_dtype=`, `micro_batch_size=`, ... |
     | `"sd:PATH"`, `"sdxl:PATH"`, `"sd3:PATH"`, `"flux:PATH"` (PATH: local folder or hub id) | `DiffusersBackend` | `prompts=` (required), `torch_dtype=`, `negative_prompt=`, `height=`, `width=`, ... |
 
     A spec may carry options after `?`, e.g. `"sd:/models/sd15?prompts=prompts.txt&torch_dtype=fp16"`.
@@ -42,6 +44,8 @@ def load_backend(model: str | DiffusionBackend, device: str | torch.device = "cp
         from diffenv.models.diffusers_backend import DiffusersBackend
 
         return DiffusersBackend.load(model, device=device, **backend_kwargs)
+    if model in SHAPES_MODELS:
+        return load_shapes_backend(model, device=device, **backend_kwargs)
     if model in EMBEDDED_MODELS:
         if backend_kwargs:
             raise ValueError(f"embedded model {model!r} takes no backend kwargs, got {sorted(backend_kwargs)}")

@@ -1,4 +1,4 @@
-"""The one interface every denoiser backend implements (DESIGN §2).
+"""The one interface every denoiser backend implements (docs/design.md §2).
 
 A backend owns a frozen network, knows what it predicts and on which noise schedule, and turns
 latents into images. Conditions are always integer ids into the backend's condition set (class ids
@@ -35,6 +35,8 @@ class DiffusionBackend(abc.ABC):
         prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow"``.
         latent_shape: ``(C, H, W)`` of the diffusion state.
         condition_names: one human-readable name per condition id.
+        default_conditions: the ids sampled by default (e.g. the `shapes` model's train split; None = all).
+        default_num_steps: the model's default number of sampler steps.
         condition_splits: named subsets of condition ids (e.g. a prompt file's `train` / `heldout`);
             `conditions="heldout"` selects one. Digits models declare none.
         scheduler_config: the diffusers scheduler config (a dict) the samplers read tables from.
@@ -46,6 +48,8 @@ class DiffusionBackend(abc.ABC):
     latent_shape: tuple[int, int, int]
     condition_names: list[str]
     condition_splits: dict[str, list[int]] = {}  # read-only default; backends assign their own
+    default_conditions: list[int] | None = None  # the ids the env samples when `conditions=None` (None: all)
+    default_num_steps: int = 10  # sampler steps when the env's `num_steps` is not given
     scheduler_config: dict[str, Any]
     num_train_timesteps: int = 1000
     name: str = "backend"

@@ -1,4 +1,4 @@
-"""Text-to-image diffusers pipelines behind the backend interface (DESIGN §2): SD1.x/2.x, SDXL, SD3, Flux.
+"""Text-to-image diffusers pipelines behind the backend interface (docs/design.md §2): SD1.x/2.x, SDXL, SD3, Flux.
 
 | spec | pipeline class | denoiser | family / prediction | null condition (CFG) |
 |---|---|---|---|---|
@@ -24,7 +24,7 @@ equivalent static shift (`exp(mu)`, or `mu` for `time_shift_type="linear"`) is w
 `linspace(1, 1/K, K)`; `sampler_kwargs` hands the same grid to the env's and the policy's samplers.
 
 Precision: weights in `torch_dtype` (fp16/bf16 on GPU), the network output is cast to float32, so all
-transition maths and log-probs stay in float32/float64 (DESIGN §3).
+transition maths and log-probs stay in float32/float64 (docs/design.md §3).
 """
 
 from __future__ import annotations

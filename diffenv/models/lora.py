@@ -1,7 +1,7 @@
 """LoRA adapters on a backend's denoiser, via peft (Hu et al. 2021), saved as safetensors.
 
 `UNet2DModel` has no `add_adapter`, so adapters are injected with `peft.inject_adapter_in_model` and
-read/written with `get/set_peft_model_state_dict` (DESIGN §8). A LoRA file carries its config in the
+read/written with `get/set_peft_model_state_dict` (docs/design.md §8). A LoRA file carries its config in the
 safetensors metadata, so `load_lora` can rebuild the adapter on a fresh base model; mismatches (wrong
 base architecture, wrong rank) are errors, never silent re-initialisation.
 """

@@ -1,4 +1,4 @@
-"""Train the embedded class-conditional digits models (seeded, CPU, a few minutes each).
+"""Train the embedded class-conditional digits models (seeded, CPU; wall time: README, Embedded models).
 
     python -m diffenv.models.train_digits --model digits-eps
     python -m diffenv.models.train_digits --model digits-flow
