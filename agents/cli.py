@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (checkpoint, LoRA, log.csv, grids)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     t.add_argument("--seed", type=field("seed"), default=0, help="seed of the LoRA init, rollouts and shuffling")
-    t.add_argument("--num-steps", type=field("num_steps"), default=10, help="sampler steps per image")
+    t.add_argument("--num-steps", type=field("num_steps"), default=None,
+                   help="sampler steps per image (default: the model's: 10 for digits, 20 for shapes)")
     t.add_argument("--guidance-scale", type=field("guidance_scale"), default=1.0,
                    help="CFG weight while training (1: the guidance-free model RL is meant to produce)")
     t.add_argument("--lora-rank", type=field("lora_rank"), default=8, help="LoRA rank r (alpha = r)")

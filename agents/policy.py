@@ -26,13 +26,13 @@ class DiffusionPolicy(nn.Module):
 
     Args:
         model: backend name or instance (its denoiser gets the adapter, in place).
-        num_steps, sampler, eta, noise_level: the sampler, as in the env (None = the family default).
+        num_steps, sampler, eta, noise_level: the sampler, as in the env (None = the model's / family's default).
         guidance_scale: CFG weight used when the policy acts (1.0 = guidance-free, the point of RL here).
         lora_rank, lora_alpha, target_modules: the adapter (peft); base weights are frozen.
         lora_path: load an existing adapter instead of a fresh one (fresh = identical to the base).
     """
 
-    def __init__(self, model: str | DiffusionBackend = "digits-eps", *, num_steps: int = 10,
+    def __init__(self, model: str | DiffusionBackend = "digits-eps", *, num_steps: int | None = None,
                  sampler: str | None = None, eta: float = 1.0, noise_level: float = 0.7,
                  guidance_scale: float = 1.0, lora_rank: int = 8, lora_alpha: float | None = None,
                  target_modules: Sequence[str] | None = None, lora_path: str | Path | None = None,
@@ -41,6 +41,7 @@ class DiffusionPolicy(nn.Module):
         self.backend = load_backend(model, device=device, **(model_kwargs or {}))
         self.model_name = model if isinstance(model, str) else getattr(self.backend, "name", "custom")
         self.sampler_name = sampler or DEFAULT_SAMPLER[self.backend.family]
+        num_steps = num_steps if num_steps is not None else self.backend.default_num_steps
         self.eta, self.noise_level, self.guidance_scale = float(eta), float(noise_level), float(guidance_scale)
         self.sampler = make_sampler(self.sampler_name, self.backend.scheduler_config, num_steps,
                                     family=self.backend.family, eta=eta, noise_level=noise_level,

@@ -44,7 +44,8 @@ class TrainConfig:
     """budget: images generated for training (all ranks together), a multiple of images_per_epoch"""
     out: str = "runs/run"
     seed: int = field(default=0, metadata=SEED)
-    num_steps: int = field(default=10, metadata=bounds(ge=1))
+    num_steps: int | None = field(default=None, metadata=bounds(ge=1))
+    """sampler steps per image (None: the model's default, 10 for digits, 20 for shapes)"""
     guidance_scale: float = field(default=1.0, metadata=bounds(ge=0))
     """CFG weight while training (1.0: the guidance-free model RL is meant to produce)"""
     lora_rank: int = field(default=8, metadata=bounds(ge=1))
@@ -171,7 +172,7 @@ class Trainer:
         n_images = len(rewards)
         self.epoch += 1
         self.images_seen += n_images
-        self.nfe_total += n_images * self.cfg.num_steps * self.env.nfe_per_step
+        self.nfe_total += n_images * self.policy.num_steps * self.env.nfe_per_step
         self.wall_time += time.perf_counter() - start
         row = {"epoch": self.epoch, "images_seen": self.images_seen, "reward_mean": rewards.mean().item(),
                "reward_std": rewards.std().item(), "kl_to_base": self.kl_to_base(rollout),
@@ -250,7 +251,7 @@ class Trainer:
         from diffenv.sampling import generate
 
         result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward, model=self.policy.backend,
-                          num_steps=self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale,
+                          num_steps=self.policy.num_steps, guidance_scale=self.cfg.guidance_scale,
                           device=self.policy.device, condition_set=self.cfg.conditions,
                           progress=self.cfg.progress and self.dist.is_main and n > batch_size)
         return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item(),

@@ -112,7 +112,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that samples the model."""
     add_model_args(p)
-    p.add_argument("--num-steps", type=flag_type(EnvConfig, "num_steps"), default=10, help="sampler steps per image")
+    p.add_argument("--num-steps", type=flag_type(EnvConfig, "num_steps"), default=None,
+                   help="sampler steps per image (default: the model's: 10 for digits, 20 for shapes)")
     p.add_argument("--sampler", default=None, help="ddim | ddpm | ode (ε-models); flow_sde | ode (flow models); "
                    "default: the model's (ddim / flow_sde)")
     p.add_argument("--eta", type=flag_type(EnvConfig, "eta"), default=1.0, help="DDIM eta (0: deterministic)")
@@ -157,19 +158,22 @@ def cmd_sample(a: argparse.Namespace) -> int:
         kwargs.update(model=load_model(a), model_kwargs=None)
     result = generate(a.n, batch_size=a.batch_size, seed=a.seed, condition_set=a.conditions,
                       progress=a.n > a.batch_size and not a.no_progress, **kwargs)
+    text_conditioned = result.text_conditioned
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp.npz")
+        extra = {"prompts": np.array(result.prompts, dtype=str)} if text_conditioned else {}
         np.savez_compressed(tmp, images=result.images.numpy().astype(np.float32),
                             conditions=result.conditions.numpy().astype(np.int64),
-                            rewards=result.rewards.numpy().astype(np.float32))
+                            rewards=result.rewards.numpy().astype(np.float32), **extra)
         tmp.replace(out)  # atomic: a crash never leaves a half-written npz
         print(f"wrote {out} ({len(result.images)} images)")
     if a.grid:
         order = result.conditions[: min(100, a.n)].argsort(stable=True)
-        print(f"wrote {save_grid(result.images[: min(100, a.n)][order], a.grid, nrow=10)}")
-    print(f"model={a.model} guidance_scale={a.guidance_scale} num_steps={a.num_steps} n={a.n} seed={a.seed}")
+        captions = [result.prompts[i] for i in order.tolist()] if text_conditioned else None
+        print(f"wrote {save_grid(result.images[: min(100, a.n)][order], a.grid, nrow=10, captions=captions)}")
+    print(f"model={a.model} guidance_scale={a.guidance_scale} num_steps={result.num_steps} n={a.n} seed={a.seed}")
     if a.reward != "none":
         print(f"mean reward ({a.reward}): {result.rewards.mean():.4f} ± {result.rewards.std():.4f}")
         for name, v in result.components.items():

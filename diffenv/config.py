@@ -34,7 +34,8 @@ class EnvConfig:
 
     model: Any = "digits-eps"
     reward: Any = "digit_classifier"
-    num_steps: int = field(default=10, metadata=bounds(ge=1))
+    num_steps: int | None = field(default=None, metadata=bounds(ge=1))
+    """sampler steps per image; None: the model's default (`backend.default_num_steps`: 10 digits, 20 shapes)"""
     sampler: str | None = None
     eta: float = field(default=1.0, metadata=bounds(ge=0))
     noise_level: float = field(default=0.7, metadata=bounds(ge=0))
@@ -54,7 +55,7 @@ class EnvConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         if self.fork_at is not None:
-            if self.fork_at > self.num_steps:
+            if self.num_steps is not None and self.fork_at > self.num_steps:
                 raise ValueError(f"fork_at={self.fork_at!r}: expected an int in [0, num_steps={self.num_steps}]")
             if self.action_mode in ONE_STEP_MODES:
                 raise ValueError(f"fork_at needs a multi-step action_mode ('noise' or 'latent'), got {self.action_mode!r}")
@@ -68,7 +69,12 @@ class EnvConfig:
         return self.sampler
 
     def check_against(self, backend) -> None:
-        """Checks that need the model: sampler/family fit and the condition subset."""
+        """Checks that need the model: sampler/family fit and the condition subset; resolves `num_steps=None` to
+        the model's default."""
+        if self.num_steps is None:
+            self.num_steps = int(getattr(backend, "default_num_steps", 10))
+            if self.fork_at is not None and self.fork_at > self.num_steps:
+                raise ValueError(f"fork_at={self.fork_at!r}: expected an int in [0, num_steps={self.num_steps}]")
         name = self.sampler_name(backend.family)
         allowed = FAMILY_SAMPLERS[backend.family]
         if name not in allowed:

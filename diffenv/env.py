@@ -67,7 +67,7 @@ class DiffusionSteerEnv(gym.Env):
     |---|---|---|
     | `model` | `"digits-eps"` | backend name (`diffenv.models.model_names()`) or a `DiffusionBackend` |
     | `reward` | `"digit_classifier"` | reward name (`rewards.names()`), a `rewards.Reward`, any callable, or None (0) |
-    | `num_steps` | 10 | K, sampler steps per image |
+    | `num_steps` | None | K, sampler steps per image; None: the model's default (10 for digits, 20 for `shapes`) |
     | `sampler` | None | `"ddim"`, `"ddpm"`, `"ode"` (ε-models); `"flow_sde"`, `"ode"` (flow); None = `ddim` / `flow_sde` (`ode` for initial_noise) |
     | `eta` | 1.0 | DDIM η (stochasticity); `noise_level` (0.7) is the flow SDE's `a` |
     | `action_mode` | `"noise"` | see the action table |

@@ -22,6 +22,14 @@ class GenerationResult:
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N]
     nfe_per_image: float = 0.0
     wall_time_s: float = 0.0
+    condition_names: list[str] = field(default_factory=list)  # the backend's name of every condition id
+    num_steps: int = 0
+    text_conditioned: bool = False  # conditions are prompts
+
+    @property
+    def prompts(self) -> list[str]:
+        """The name (prompt, for a text-to-image model) of each image's condition: [N] strings."""
+        return [self.condition_names[c] for c in self.conditions.tolist()]
 
     @property
     def seconds_per_image(self) -> float:
@@ -109,4 +117,7 @@ def generate(n: int, *, batch_size: int = 250, seed: int = 0, conditions: torch.
         components={k: torch.cat(v) for k, v in comps.items()},
         nfe_per_image=float(torch.cat(out["nfe"]).float().mean()),
         wall_time_s=wall,
+        condition_names=list(env.backend.condition_names),
+        num_steps=env.cfg.num_steps,
+        text_conditioned=bool(getattr(env.backend, "text_conditioned", False)),
     )

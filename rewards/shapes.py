@@ -9,8 +9,9 @@ Both are scene readers trained in the repo (`python -m rewards.train_shapes_rewa
 | object k of the prompt, wanted n_k times | `P(count_k = n_k)` |
 | nothing else | `Π_{j not named} P(count_j = 0)` |
 | relation `A rel B` | `sigmoid((signed offset of B from A along the axis − 2 px) / 1 px)` |
-| `shapes_verifier` reward | the mean of these terms: partial credit, so RL has signal on hard prompts |
-| `prompt_prob` component | their product: the probability that the prompt holds |
+| `shapes_verifier` reward (`mode="partial"`) | the mean of these terms: partial credit, so RL has signal on hard prompts |
+| `prompt_prob` component (`mode="prompt_prob"`) | Π over all 18 objects of P(count = wanted) × the relation term: the probability that the prompt holds |
+| `mode="correct"` | 1.0 where `satisfied`, else 0.0 |
 | `satisfied(images, conditions)` | the exact decision: argmax counts equal the prompt's and the relation holds by ≥ 2 px |
 
 The two differ in architecture (verifier: a plain ReLU CNN with a dense head; judge: CoordConv + GroupNorm +
@@ -37,6 +38,8 @@ from rewards.registry import register
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 N_OBJ, N_COUNT = len(task.OBJECTS), 4
 MARGIN, TEMPERATURE = 2.0, 1.0
+#: what the reward returns: the partial-credit mean, the prompt probability, or 1/0 exact satisfaction
+MODES = ("partial", "prompt_prob", "correct")
 
 
 class VerifierNet(nn.Module):
@@ -104,11 +107,13 @@ class ShapesSceneReward(Reward):
     """A scene reader scoring images against their prompts (module docstring); `name` picks the network."""
 
     def __init__(self, name: str = "shapes_verifier", prompts: Sequence[str] | None = None,
-                 path: str | Path | None = None):
+                 path: str | Path | None = None, mode: str = "partial"):
         super().__init__()
         if name not in ARCHS:
             raise ValueError(f"unknown shapes reward {name!r}; expected one of {sorted(ARCHS)}")
-        self.name = name
+        if mode not in MODES:
+            raise ValueError(f"reward {name!r}: mode={mode!r}; expected one of {MODES}")
+        self.name, self.mode = name, mode
         self.prompts = list(prompts) if prompts is not None else task.model_prompts()
         file = Path(path) if path is not None else WEIGHTS_DIR / f"{name}.safetensors"
         if not file.is_file():
@@ -152,17 +157,25 @@ class ShapesSceneReward(Reward):
                 "n_terms": n_terms, "has_rel": has_rel}
 
     def score(self, images, conditions):
+        if self.mode == "correct":
+            return self.satisfied(images, conditions).float()
+        if self.mode == "prompt_prob":
+            return self._prompt_prob(images, conditions)
         t = self.terms(images, conditions)
         rel = torch.where(t["has_rel"], t["relation"], torch.zeros_like(t["relation"]))
         return (t["objects"] * t["named"] + t["nothing_else"] + rel) / t["n_terms"]
+
+    def _prompt_prob(self, images, conditions):
+        """Π over the 18 objects of P(count = wanted) × P(relation): the probability that the prompt holds."""
+        logp, _ = self._scene(images)
+        p_counts = logp.gather(-1, self.want[conditions].unsqueeze(-1)).squeeze(-1).exp().prod(-1)
+        return p_counts * self.terms(images, conditions)["relation"]
 
     def components(self, images, conditions):
         images, conditions = self.check_inputs(images, conditions)
         with torch.no_grad():
             t = self.terms(images, conditions)
-            logp, _ = self._scene(images)
-        want = self.want[conditions]
-        p_all = logp.gather(-1, want.unsqueeze(-1)).squeeze(-1).exp().prod(-1) * t["relation"]
+            p_all = self._prompt_prob(images, conditions)
         return {self.name: self(images, conditions), "objects": t["objects"], "nothing_else": t["nothing_else"],
                 "relation": t["relation"], "prompt_prob": p_all}
 
@@ -187,15 +200,15 @@ class ShapesSceneReward(Reward):
 
 
 @register("shapes_verifier")
-def shapes_verifier(prompts: Sequence[str] | None = None, path=None) -> ShapesSceneReward:
+def shapes_verifier(prompts: Sequence[str] | None = None, path=None, mode: str = "partial") -> ShapesSceneReward:
     """Partial-credit prompt satisfaction from the verifier CNN (the shapes task's training reward)."""
-    return ShapesSceneReward("shapes_verifier", prompts=prompts, path=path)
+    return ShapesSceneReward("shapes_verifier", prompts=prompts, path=path, mode=mode)
 
 
 @register("shapes_judge")
-def shapes_judge(prompts: Sequence[str] | None = None, path=None) -> ShapesSceneReward:
-    """The held-out judge (another architecture), for evaluation only."""
-    return ShapesSceneReward("shapes_judge", prompts=prompts, path=path)
+def shapes_judge(prompts: Sequence[str] | None = None, path=None, mode: str = "partial") -> ShapesSceneReward:
+    """The held-out judge (another architecture), for evaluation only (`mode="correct"`: 1/0 exact)."""
+    return ShapesSceneReward("shapes_judge", prompts=prompts, path=path, mode=mode)
 
 
 def scene_targets(scenes: list[task.Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

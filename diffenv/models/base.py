@@ -50,6 +50,7 @@ class DiffusionBackend(abc.ABC):
     condition_splits: dict[str, list[int]] = {}  # read-only default; backends assign their own
     default_conditions: list[int] | None = None  # the ids the env samples when `conditions=None` (None: all)
     default_num_steps: int = 10  # sampler steps when the env's `num_steps` is not given
+    text_conditioned: bool = False  # conditions are prompts (samples are saved with them)
     scheduler_config: dict[str, Any]
     num_train_timesteps: int = 1000
     name: str = "backend"

@@ -164,6 +164,7 @@ class DiffusersBackend(DiffusionBackend):
             raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
         self.kind, self.pipeline_class_name = kind, type(pipeline).__name__
         self.family = KINDS[kind][1]
+        self.text_conditioned = True
         self.name = name or f"{kind}:{getattr(pipeline, 'name_or_path', '') or 'pipeline'}"
         self.condition_names = load_prompts(prompts)
         self.negative_prompt = negative_prompt
