@@ -295,7 +295,7 @@ class Comparison:
 
 # ---------------------------------------------------------------------- logs and flags
 def overoptimisation_flag(log_path: Path, judge_drop: float = 0.05, fd_rise: float = 0.25) -> str:
-    """'' or a reason: the probe reward rose while the judge log-prob fell or the FD rose markedly."""
+    """'' or a reason: the probe reward rose while the judge (log-prob or accuracy) fell or the FD rose markedly."""
     probes = [r for r in read_log(log_path) if r.get("probe_reward")]
     if len(probes) < 2:
         return ""
@@ -303,9 +303,9 @@ def overoptimisation_flag(log_path: Path, judge_drop: float = 0.05, fd_rise: flo
     if float(last["probe_reward"]) <= float(first["probe_reward"]):
         return ""
     reasons = []
-    if "probe_judge_log_prob" in last and \
-            float(last["probe_judge_log_prob"]) < float(first["probe_judge_log_prob"]) - judge_drop:
-        reasons.append(f"judge log-prob {float(first['probe_judge_log_prob']):.3f}->{float(last['probe_judge_log_prob']):.3f}")
+    for key, label in (("probe_judge_log_prob", "judge log-prob"), ("probe_judge_accuracy", "judge accuracy")):
+        if key in last and float(last[key]) < float(first[key]) - judge_drop:
+            reasons.append(f"{label} {float(first[key]):.3f}->{float(last[key]):.3f}")
     if "probe_fd" in last and float(last["probe_fd"]) > (1 + fd_rise) * float(first["probe_fd"]):
         reasons.append(f"FD {float(first['probe_fd']):.2f}->{float(last['probe_fd']):.2f}")
     return "; ".join(reasons)

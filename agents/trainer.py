@@ -258,13 +258,15 @@ class Trainer:
                 "result": result}
 
     def probe(self) -> dict[str, float]:
-        """Reward, and for digits models the held-out judge and diversity, on the fixed probe set."""
+        """Reward, and where the model's task has them (`agents.evaluation.task_metrics`: digits, shapes) the held-out
+        judge and diversity, on the fixed probe set."""
+        from agents.evaluation import task_metrics
+
         result = self.evaluate(self.cfg.probe_images, seed=999)["result"]
         row = {"probe_reward": result.rewards.mean().item()}
-        if tuple(self.policy.backend.latent_shape) == (1, 8, 8) and self.policy.backend.n_conditions == 10:
-            from agents.evaluation import image_metrics
-
-            row.update({f"probe_{k}": v for k, v in image_metrics(result.images, result.conditions).items()})
+        metrics = task_metrics(getattr(self.policy.backend, "name", ""))
+        if metrics is not None:
+            row.update({f"probe_{k}": v for k, v in metrics(result.images, result.conditions).items()})
         return row
 
     # ------------------------------------------------------------------ persistence
