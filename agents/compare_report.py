@@ -9,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ["reward_mean", "judge_accuracy", "judge_log_prob", "fd", "class_variance", "nfe_per_image",
-           "ms_per_image"]
+from agents.evaluation import DIGITS, SHAPES, TaskProtocol, task_protocol
+
+#: every metric a row may carry: the generic ones, then each task protocol's columns
+METRICS = list(dict.fromkeys(["reward_mean", "nfe_per_image", "ms_per_image",
+                              *(k for p in (DIGITS, SHAPES) for k, _ in p.columns)]))
 COLUMNS = ["task", "entry", "kind", "algo", "guidance_scale", "best_of_n", "budget", "seed", *METRICS,
            "train_wall_s", "overoptimisation"]
 
@@ -53,12 +56,14 @@ def _fmt(row: dict, m: str) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
 
 
-def _rank(r: dict) -> tuple:
-    """Best = judge accuracy to 3 decimals (the eval set resolves no more), then lower FD."""
-    return round(r["judge_accuracy"], 3), -r["fd"]
+def _ranker(protocol: TaskProtocol):
+    """Best = judge accuracy to 3 decimals (the eval set resolves no more), then better diversity (lower FD for
+    digits, higher within-prompt distance for shapes)."""
+    sign = -1.0 if protocol.diversity_lower_is_better else 1.0
+    return lambda r: (round(r["judge_accuracy"], 3), sign * r[protocol.diversity])
 
 
-def headline(agg: list[dict], task: str) -> list[str]:
+def headline(agg: list[dict], task: str, protocol: TaskProtocol = DIGITS) -> list[str]:
     """Best CFG vs best RL model, and the budget each algorithm needed to reach CFG's judge accuracy.
 
     Measured on the full eval set at the configured budgets (coarse but honest); the trainer's probe set
@@ -68,12 +73,14 @@ def headline(agg: list[dict], task: str) -> list[str]:
     rl = [r for r in agg if r["task"] == task and r["kind"] == "rl"]
     if not cfg or not rl or math.isnan(cfg[0]["judge_accuracy"]):
         return []
-    best_cfg, best_rl = max(cfg, key=_rank), max(rl, key=_rank)
+    rank, div = _ranker(protocol), protocol.diversity
+    best_cfg, best_rl = max(cfg, key=rank), max(rl, key=rank)
     lines = [
-        f"- best CFG (by judge accuracy, then lower FD): `{best_cfg['entry']}` judge acc {best_cfg['judge_accuracy']:.3f}, FD {best_cfg['fd']:.2f}, "
+        f"- best CFG (by judge accuracy, then {protocol.diversity_label}): `{best_cfg['entry']}` judge acc "
+        f"{best_cfg['judge_accuracy']:.3f}, {div} {best_cfg[div]:.3f}, "
         f"{best_cfg['ms_per_image']:.2f} ms/image, {best_cfg['nfe_per_image']:g} NFE",
-        f"- best RL (guidance 1; same ranking: judge accuracy, then lower FD): `{best_rl['entry']}` judge acc {best_rl['judge_accuracy']:.3f}, "
-        f"FD {best_rl['fd']:.2f}, {best_rl['ms_per_image']:.2f} ms/image "
+        f"- best RL (guidance 1; same ranking): `{best_rl['entry']}` judge acc {best_rl['judge_accuracy']:.3f}, "
+        f"{div} {best_rl[div]:.3f}, {best_rl['ms_per_image']:.2f} ms/image "
         f"({best_rl['ms_per_image'] / best_cfg['ms_per_image']:.2f}× CFG's), {best_rl['nfe_per_image']:g} NFE",
     ]
     target = best_cfg["judge_accuracy"]
@@ -97,11 +104,15 @@ def write_outputs(rows: list[dict], tasks, out: Path) -> None:
         lines += [f"## {task.name}", "",
                   f"model `{task.model}`, reward `{task.reward}`, {task.num_steps} steps, "
                   f"{task.eval_images} eval images (seed {task.eval_seed}), training seeds {task.seeds}", ""]
-        lines += headline(agg, task.name) + [""]
-        lines += ["| entry | seeds | reward | judge acc | judge log p | FD ↓ | class var | NFE | ms/img | flags |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        protocol = task_protocol(task.model)
+        columns = [("reward_mean", "reward"), *(protocol.columns if protocol else ()), ("nfe_per_image", "NFE"),
+                   ("ms_per_image", "ms/img")]
+        if protocol is not None:
+            lines += headline(agg, task.name, protocol) + [""]
+        lines += ["| entry | seeds | " + " | ".join(h for _, h in columns) + " | flags |",
+                  "|---" * (len(columns) + 3) + "|"]
         for r in (r for r in agg if r["task"] == task.name):
-            lines.append(f"| {r['entry']} | {r['seeds']} | " + " | ".join(_fmt(r, m) for m in METRICS)
+            lines.append(f"| {r['entry']} | {r['seeds']} | " + " | ".join(_fmt(r, m) for m, _ in columns)
                          + f" | {r['overoptimisation'] or ''} |")
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))
@@ -141,14 +152,18 @@ def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tasks = [t for t in tasks if task_protocol(t.model) is not None]
+    if not tasks:
+        return
     fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
     for col, task in enumerate(tasks):
+        protocol = task_protocol(task.model)
         rows = [r for r in agg if r["task"] == task.name]
         cfg = sorted((r for r in rows if r["kind"] == "cfg"), key=lambda r: r["guidance_scale"])
         for ax, (xm, ym, xl, yl) in zip(axes[:, col], [("nfe_per_image", "judge_accuracy", "NFE per image",
                                                         "judge accuracy"),
-                                                       ("fd", "judge_log_prob", "FD to real digits (lower is better)",
-                                                        "judge log p(c|x)")]):
+                                                       (protocol.diversity, "judge_accuracy",
+                                                        protocol.diversity_label, "judge accuracy")]):
             ax.plot([r[xm] for r in cfg], [r[ym] for r in cfg], "k-o", label="CFG (w sweep)")
             for r in cfg:
                 ax.annotate(r["entry"].split("=")[-1], (r[xm], r[ym]), fontsize=7)
@@ -165,18 +180,22 @@ def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
 
 
 def plot_grids(agg: list[dict], tasks, out: Path) -> None:
-    """CFG at its best guidance vs each RL model at guidance 1 (largest budget, first seed), 2 per class."""
+    """CFG at its best guidance vs each RL model at guidance 1 (largest budget, first seed), the same 20 eval images'
+    noise and conditions in every row; text-to-image tasks print each column's prompt under the last row."""
     from agents.compare import eval_model
     from diffenv.models import load_backend
     from diffenv.models.lora import load_lora
     from diffenv.viz import image_grid
 
     for task in tasks:
-        if not task.model.startswith("digits"):
+        protocol = task_protocol(task.model)
+        if protocol is None:
             continue
         small = type(task)(**{**task.__dict__, "eval_images": 20})
-        best_w = max((r for r in agg if r["task"] == task.name and r["kind"] == "cfg"), key=_rank)["guidance_scale"]
-        panels = [("cfg w=%g" % best_w, eval_model(small, task.model, best_w).images)]
+        best_w = max((r for r in agg if r["task"] == task.name and r["kind"] == "cfg"),
+                     key=_ranker(protocol))["guidance_scale"]
+        first = eval_model(small, task.model, best_w)
+        panels = [("cfg w=%g" % best_w, first.images)]
         for algo in task.algos:
             snap = out / "runs" / task.name / algo / f"seed{task.seeds[0]}" / f"lora_{max(task.budgets)}.safetensors"
             if snap.is_file():
@@ -189,11 +208,16 @@ def plot_grids(agg: list[dict], tasks, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(len(strips), 1, figsize=(10, 0.8 * len(strips) + 0.5), squeeze=False)
+        height = 0.8 * len(strips) + (1.8 if protocol.captions else 0.5)
+        fig, axes = plt.subplots(len(strips), 1, figsize=(10, height), squeeze=False)
         for ax, (name, _), strip in zip(axes[:, 0], panels, strips):
             ax.imshow(strip)
             ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
             ax.set_xticks([]), ax.set_yticks([])
+        if protocol.captions:  # each column's prompt, under the last row
+            width = strips[-1].shape[1] / 20
+            axes[-1, 0].set_xticks([width * (i + 0.5) for i in range(20)])
+            axes[-1, 0].set_xticklabels(first.prompts[:20], rotation=60, ha="right", fontsize=6)
         fig.tight_layout()
         fig.savefig(out / f"grids_{task.name}.png", dpi=110)
         plt.close(fig)

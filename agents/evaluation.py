@@ -12,6 +12,8 @@ For a set of generated images with their conditions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -125,10 +127,51 @@ def shapes_metrics(images: torch.Tensor, conditions: torch.Tensor, prompts: list
     return row
 
 
+@dataclass(frozen=True)
+class TaskProtocol:
+    """How a model's task is evaluated and reported (the benchmark reads this instead of checking model names).
+
+    `metrics(images, conditions) -> dict` computes the task's metrics; `columns` are the (key, header) pairs of its
+    results table after the reward; entries rank by `judge_accuracy`, then by the diversity metric `diversity`
+    (lower is better when `diversity_lower_is_better`, e.g. a distance to real data); `captions`: grids show each
+    image's condition name (its prompt).
+    """
+
+    name: str
+    metrics: Callable[[torch.Tensor, torch.Tensor], dict]
+    columns: tuple[tuple[str, str], ...]
+    diversity: str
+    diversity_label: str
+    diversity_lower_is_better: bool
+    captions: bool = False
+
+
+DIGITS = TaskProtocol("digits", image_metrics,
+                      (("judge_accuracy", "judge acc"), ("judge_log_prob", "judge log p"), ("fd", "FD ↓"),
+                       ("class_variance", "class var")),
+                      diversity="fd", diversity_label="FD to real digits (lower is better)",
+                      diversity_lower_is_better=True)
+SHAPES = TaskProtocol("shapes", shapes_metrics,
+                      (("judge_accuracy", "judge acc"), ("judge_acc_single_train", "single"),
+                       ("judge_acc_counting_train", "counting"), ("judge_acc_binding_train", "binding"),
+                       ("judge_acc_relation_train", "relation"), ("judge_acc_binding_heldout", "binding (held-out)"),
+                       ("judge_acc_relation_heldout", "relation (held-out)"), ("judge_prompt_prob", "judge p(prompt)"),
+                       ("within_prompt_distance", "diversity ↑")),
+                      diversity="within_prompt_distance",
+                      diversity_label="within-prompt distance (higher = more diverse)",
+                      diversity_lower_is_better=False, captions=True)
+
+
+def task_protocol(model_name: str) -> TaskProtocol | None:
+    """The evaluation protocol of a model's task, or None for a model without one (e.g. your own `sd:` model)."""
+    if model_name.startswith("digits"):
+        return DIGITS
+    if model_name == "shapes":
+        return SHAPES
+    return None
+
+
 def task_metrics(model_name: str):
     """The image metrics of a model's task (`fn(images, conditions) -> dict`), or None for a model without one."""
-    if model_name.startswith("digits"):
-        return image_metrics
-    if model_name == "shapes":
-        return shapes_metrics
-    return None
+    protocol = task_protocol(model_name)
+    return protocol.metrics if protocol is not None else None
