@@ -44,7 +44,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from agents.compare import Comparison, load_tasks
 
-    tasks = load_tasks(a.config, quick=a.quick)
+    tasks = load_tasks(a.config, quick=a.quick, names=a.tasks)
     start = time.perf_counter()
     Comparison(tasks, a.out, progress=not a.no_progress).run()
     print((Path(a.out) / "results.md").read_text())
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default="examples/compare.toml", help="TOML file: defaults and [[task]] tables")
     c.add_argument("--out", default="runs/compare", help="output folder (cache/ and runs/ make it resumable)")
     c.add_argument("--quick", action="store_true", help="tiny budgets and eval sets (CI smoke run, < 5 min)")
+    c.add_argument("--tasks", nargs="+", default=None, metavar="NAME",
+                   help="run only these [[task]] names of the config (default: all)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
     return parser

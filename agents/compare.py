@@ -81,8 +81,8 @@ class Task:
             raise type(e)(f"task {self.name!r}: {e}") from None
 
 
-def load_tasks(path: str | Path, quick: bool = False) -> list[Task]:
-    """Tasks from a TOML file: top-level keys are defaults, each `[[task]]` table a task."""
+def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = None) -> list[Task]:
+    """Tasks from a TOML file: top-level keys are defaults, each `[[task]]` table a task (only `names`, if given)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -106,9 +106,14 @@ def load_tasks(path: str | Path, quick: bool = False) -> list[Task]:
         tasks.append(task)
     if not tasks:
         raise ValueError(f"{path} defines no [[task]] tables")
-    names = [t.name for t in tasks]
+    selected, names = names, [t.name for t in tasks]
     if len(set(names)) < len(names):  # they would share run folders and cached entries
         raise ValueError(f"{path}: task names {names} repeat; expected a distinct name per [[task]]")
+    if selected is not None:
+        unknown = sorted(set(selected) - set(names))
+        if unknown:
+            raise ValueError(f"{path}: no [[task]] named {unknown}; expected some of {names}")
+        tasks = [t for t in tasks if t.name in selected]
     return tasks
 
 
