@@ -30,9 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from diffenv.config import EnvConfig
     from diffenv.validation import flag_type, number_type
 
-    p.add_argument("--model", required=True, help="sd:PATH, sdxl:PATH, sd3:PATH or flux:PATH (folder or hub id)")
+    p.add_argument("--model", required=True,
+                   help="sd:PATH, sdxl:PATH, sd3:PATH or flux:PATH (folder or hub id), or shapes (the embedded "
+                        "StableDiffusionPipeline)")
     p.add_argument("--lora", required=True, help="diffusers LoRA folder/file, or a trainer lora.safetensors")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", default=None,
+                   help="text file, one prompt per line (required, except for --model shapes: default 10 of its "
+                        "eval prompts, every kind, training and held-out compositions)")
     p.add_argument("--seeds", type=flag_type(EnvConfig, "seed"), nargs="+", default=[0],
                    help="one image per prompt and seed")
     p.add_argument("--num-steps", type=number_type(int, ge=1), default=20, help="sampler steps on both sides")
@@ -120,12 +124,20 @@ def cmd_ab(a: argparse.Namespace) -> int:
     from diffenv.models.prompts import load_prompts
     from diffenv.viz import save_grid
 
-    kind, path, _ = parse_model_spec(a.model)
+    model, prompts = a.model, None
+    if model == "shapes":  # the embedded pipeline folder, a plain StableDiffusionPipeline
+        from diffenv.models.shapes import SHAPES_DIR
+        from rewards.shapes_task import eval_prompts
+
+        model, prompts = f"sd:{SHAPES_DIR}", eval_prompts()[::5]
+    elif a.prompts is None:
+        raise ValueError(f"--prompts is required for --model {a.model} (a text file, one prompt per line)")
+    kind, path, _ = parse_model_spec(model)
     if a.num_steps < 1 or not a.guidance_scale >= 1:
         raise ValueError(f"expected --num-steps >= 1 and --guidance-scale >= 1, got {a.num_steps}, {a.guidance_scale}")
     if not Path(a.lora).exists():  # fail before the (long) base-side sampling
         raise FileNotFoundError(f"--lora {a.lora}: no such file or folder")
-    prompts = load_prompts(a.prompts)
+    prompts = load_prompts(a.prompts) if a.prompts is not None else prompts
     reward_fns = [make_reward(spec, prompts, a.device) for spec in a.reward]
     pipe = load_pipeline(kind, path, torch_dtype=resolve_dtype(a.torch_dtype)).to(a.device)
     pipe.set_progress_bar_config(disable=True)
@@ -138,7 +150,9 @@ def cmd_ab(a: argparse.Namespace) -> int:
     n = len(base)
     conditions = torch.arange(len(prompts)).repeat(len(a.seeds))
     pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # [2n, 3, H, W]: base, LoRA, base, LoRA, ...
-    out = save_grid(pairs, a.out, nrow=2, scale=max(1, 256 // base.shape[-1]))
+    captions = [text for text in prompts * len(a.seeds) for text in (f"{text} (CFG)", f"{text} (LoRA)")]
+    out = save_grid(pairs, a.out, nrow=2, scale=max(1, 256 // base.shape[-1]), captions=captions,
+                    caption_width=max(20, 256 // 6))
     cfg_nfe = 2 if a.guidance_scale > 1 else 1
     rows = [(f"base+CFG(w={a.guidance_scale:g})", base, cfg_nfe * a.num_steps, base_time),
             ("LoRA(w=1)", tuned, a.num_steps, tuned_time)]
