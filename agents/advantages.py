@@ -7,19 +7,38 @@ from collections import deque
 import torch
 
 
+def group_mean(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """The mean of each sample's group, broadcast back to the samples: x [B, ...] -> [B, ...]."""
+    return _group_mean(x, *_group_index(group_ids))
+
+
+def group_centred(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """x_i − mean_{j in group(i)} x_j for x [B, ...]; for pairs, (x¹ − x²)/2 and its negative (FDFO's ΔR and d)."""
+    return x - group_mean(x, group_ids)
+
+
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (Shao et al. 2024; Flow-GRPO): `A_i = (R_i − mean_group) / (std_group + eps)`, [B].
 
     Population std (no Bessel correction). Zero-mean within every group up to the rounding of the group
     mean, divided by `std + eps`; computed in `rewards`' dtype (pass float64 rewards for the exact invariant).
     """
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n = int(inverse.max()) + 1
-    zeros = rewards.new_zeros(n)
-    count = zeros.index_add(0, inverse, torch.ones_like(rewards))
-    mean = zeros.index_add(0, inverse, rewards) / count
-    var = zeros.index_add(0, inverse, (rewards - mean[inverse]) ** 2) / count
-    return (rewards - mean[inverse]) / (var.sqrt()[inverse] + eps)
+    groups = _group_index(group_ids)
+    centred = rewards - _group_mean(rewards, *groups)
+    return centred / (_group_mean(centred**2, *groups).sqrt() + eps)
+
+
+def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(each sample's group number [B], the number of groups); `torch.unique` is a host sync on accelerators."""
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, len(groups)
+
+
+def _group_mean(x: torch.Tensor, inverse: torch.Tensor, n: int) -> torch.Tensor:
+    flat = x.reshape(len(x), -1)  # [B, D]
+    count = flat.new_zeros(n).index_add_(0, inverse, torch.ones_like(flat[:, 0]))
+    total = flat.new_zeros(n, flat.shape[1]).index_add_(0, inverse, flat)
+    return (total / count[:, None])[inverse].view_as(x)
 
 
 class PerConditionStats:

@@ -20,7 +20,6 @@ from diffenv.models.lora import (adapter_disabled, add_lora, cast_lora_parameter
 from diffenv.samplers import gaussian_log_prob, make_sampler
 
 
-
 class DiffusionPolicy(nn.Module):
     """A LoRA-adapted denoiser whose per-step distribution is the env sampler's transition.
 
@@ -63,14 +62,19 @@ class DiffusionPolicy(nn.Module):
     def device(self) -> torch.device:
         return self.backend.device
 
-    def model_output(self, latents: torch.Tensor, step_index: torch.Tensor, conditions: torch.Tensor,
-                     reference: bool = False) -> torch.Tensor:
-        """Network output at (x_t, t_k, c) [B, C, H, W]; `reference=True` uses the frozen base."""
-        t = self.sampler.model_timesteps[step_index]
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor,
+                reference: bool = False) -> torch.Tensor:
+        """Network output [B, C, H, W] at any network timesteps [B] (e.g. a forward-process draw), with the
+        policy's CFG weight; `reference=True` uses the frozen base."""
         if reference:
             with adapter_disabled(self.denoiser):
-                return self.backend.predict(latents, t, conditions, self.guidance_scale)
-        return self.backend.predict(latents, t, conditions, self.guidance_scale)
+                return self.backend.predict(latents, timesteps, conditions, self.guidance_scale)
+        return self.backend.predict(latents, timesteps, conditions, self.guidance_scale)
+
+    def model_output(self, latents: torch.Tensor, step_index: torch.Tensor, conditions: torch.Tensor,
+                     reference: bool = False) -> torch.Tensor:
+        """Network output at the sampler's step (x_t, t_k, c) [B, C, H, W]; `reference=True` uses the frozen base."""
+        return self.predict(latents, self.sampler.model_timesteps[step_index], conditions, reference)
 
     def distribution(self, latents, step_index, conditions, reference: bool = False):
         """(mean [B, C, H, W], std [B]) of π(x_{t−1} | x_t, c) at per-sample step indices."""

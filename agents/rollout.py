@@ -82,5 +82,5 @@ def transitions(rollout: TensorDict, stochastic_only: bool = True) -> TensorDict
             per_step[key] = rollout[key].repeat_interleave(k, dim=0)
     td = TensorDict(per_step, batch_size=[b * k], device=lat.device)
     if stochastic_only:
-        td = td[td["stds"] > 0]
+        td = td[(td["stds"] > 0).nonzero().squeeze(1)]  # one index for every key: one host sync, not one per key
     return td

@@ -217,13 +217,33 @@ def render_log(rows: list[dict[str, Any]], fields: list[str] | None = None, head
 
 
 def non_finite(tree: Any, prefix: str = "") -> list[str]:
-    """Paths of the NaN/inf floats and float tensors in nested dicts/lists/tuples (e.g. 'state.3.exp_avg')."""
+    """Paths of the NaN/inf floats and float tensors in nested dicts/lists/tuples (e.g. 'state.3.exp_avg').
+
+    The tensors of one device are checked together: one host sync per device, not one per tensor."""
+    leaves = list(_float_leaves(tree, prefix))
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for path, value in leaves:
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append((path, value))
+    bad = {path for path, value in leaves if isinstance(value, float) and not math.isfinite(value)}
+    for group in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in group]).tolist()
+        bad |= {path for (path, _), ok in zip(group, finite) if not ok}
+    return [path for path, _ in leaves if path in bad]
+
+
+def _float_leaves(tree: Any, prefix: str):
+    """(path, value) of every float and floating-point tensor in nested dicts/lists/tuples."""
     if isinstance(tree, torch.Tensor):
-        return [prefix] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+        if tree.is_floating_point():
+            yield prefix, tree
+        return
     if isinstance(tree, float):
-        return [] if math.isfinite(tree) else [prefix]
+        yield prefix, tree
+        return
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    return [bad for k, v in items for bad in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+    for k, v in items:
+        yield from _float_leaves(v, f"{prefix}.{k}" if prefix else str(k))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from agents.algos import ALGORITHMS, make_algorithm_config
 from agents.distributed import init_distributed
+from agents.losses import DeviceMeans, gaussian_kl_equal_std, total_loss
 from agents.policy import DiffusionPolicy
 from agents.rollout import collect_rollout
 from agents.runfolder import CHECKPOINT, GRIDS, LOG, LORA, RunError, RunFolder, non_finite
@@ -119,6 +120,7 @@ class Trainer:
             **self.policy.env_kwargs(),
         )
         self.params = self.policy.trainable_parameters()
+        self._stochastic_steps = [k for k, std in enumerate(self.policy.sampler.stds.tolist()) if std > 0]
         self.dist.broadcast_(self.params)
         torch.manual_seed(cfg.seed + 7 * self.dist.rank)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.algo_cfg.lr, weight_decay=self.algo_cfg.weight_decay)
@@ -145,39 +147,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict[str, float]:
+        """One epoch. Host syncs: one per optimizer step (`_check_update`) and one for every diagnostic of
+        the epoch together (`DeviceMeans.read`); the loss terms and diagnostics stay on the device until then."""
         start = time.perf_counter()
         self.policy.eval()
         with self.algo.collect_context():
             rollout = collect_rollout(self.policy, self.env, self.noise_gen)
         with torch.no_grad():
             items = self.algo.prepare(rollout)
-        diag: dict[str, list[float]] = {}
+        diag = DeviceMeans()
         minibatch = 0
         for _ in range(self.algo_cfg.inner_epochs):
             perm = torch.randperm(len(items), generator=self.shuffle_gen).to(items.device)
             for lo in range(0, len(items), self.algo_cfg.minibatch_size):
-                out = self.algo.loss(items[perm[lo:lo + self.algo_cfg.minibatch_size]])
+                terms = self.algo.loss(items[perm[lo:lo + self.algo_cfg.minibatch_size]])
+                loss = total_loss(terms)
                 self.optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                loss.backward()
                 self.dist.average_gradients(self.params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.algo_cfg.max_grad_norm)
                 minibatch += 1
-                self._check_update(out["loss"], grad_norm, minibatch)
+                self._check_update(loss, grad_norm, minibatch)
                 self.optimizer.step()
                 self.algo.after_update()
-                for k, v in {**out, "grad_norm": grad_norm}.items():
-                    diag.setdefault(k, []).append(float(v.detach()))
+                diag.add({"loss": loss, **terms, "grad_norm": grad_norm})
         self._check_state(f"during epoch {self.epoch + 1}")
         rewards = self.dist.all_gather(rollout["rewards"])
         n_images = len(rewards)
         self.epoch += 1
         self.images_seen += n_images
         self.nfe_total += n_images * self.policy.num_steps * self.env.nfe_per_step
-        self.wall_time += time.perf_counter() - start
-        row = {"epoch": self.epoch, "images_seen": self.images_seen, "reward_mean": rewards.mean().item(),
-               "reward_std": rewards.std().item(), "kl_to_base": self.kl_to_base(rollout),
+        self.wall_time += time.perf_counter() - start  # training time: the KL-to-base diagnostic is not in it
+        diag.add({"reward_mean": rewards.mean(), "reward_std": rewards.std(), "kl_to_base": self.kl_to_base(rollout)})
+        means = diag.read()
+        if "loss_policy" in means:
+            means["policy_loss"] = means["loss_policy"]  # log.csv's column from before the loss_* terms
+        row = {"epoch": self.epoch, "images_seen": self.images_seen, "reward_mean": means.pop("reward_mean"),
+               "reward_std": means.pop("reward_std"), "kl_to_base": means.pop("kl_to_base"),
                "nfe_total": self.nfe_total, "wall_time_s": round(self.wall_time, 3)}
-        row.update({k: sum(v) / len(v) for k, v in diag.items()})
+        row.update(means)
         self._last_images = rollout["final_images"]
         return row
 
@@ -206,21 +214,17 @@ class Trainer:
         return f"the last good checkpoint ({self.out / CHECKPOINT}, epoch {self._saved[0]}) is intact"
 
     @torch.no_grad()
-    def kl_to_base(self, rollout, n: int = 16) -> float:
-        """Mean over steps of KL(π_θ ‖ π_base) per transition, on the first n samples' visited states."""
-        from agents.algos.grpo import gaussian_kl_equal_std
-
+    def kl_to_base(self, rollout, n: int = 16) -> torch.Tensor:
+        """Mean over stochastic steps of KL(π_θ ‖ π_base) per transition, on the first n samples' visited
+        states: a 0-d tensor on the device (read with the epoch's other diagnostics)."""
         lat, c = rollout["latents"][:n], rollout["conditions"][:n]
-        total, count = 0.0, 0
-        for k in range(self.policy.num_steps):
+        kls = []
+        for k in self._stochastic_steps:
             idx = torch.full((len(c),), k, dtype=torch.long, device=lat.device)
             mean, std = self.policy.distribution(lat[:, k], idx, c)
-            if (std == 0).all():
-                continue
             ref, _ = self.policy.distribution(lat[:, k], idx, c, reference=True)
-            total += gaussian_kl_equal_std(mean, ref, std).mean().item()
-            count += 1
-        return total / max(1, count)
+            kls.append(gaussian_kl_equal_std(mean, ref, std).mean())
+        return torch.stack(kls).mean() if kls else torch.zeros((), device=lat.device)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:

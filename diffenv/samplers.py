@@ -26,6 +26,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from diffenv.forward import predicted_noise, predicted_x0
+
 SAMPLERS = ("ddpm", "ddim", "ode", "flow_sde")
 FAMILY_SAMPLERS = {"ddpm": ("ddpm", "ddim", "ode"), "flow": ("flow_sde", "ode")}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -139,11 +141,8 @@ class Sampler:
 
 
 class _DiscreteTimeSampler(Sampler):
-    """DDPM-family base: x̂0 and ε̂ from the network's `prediction_type` (Ho et al. eq. 15, Salimans & Ho 2022).
-
-        epsilon:       x̂0 = (x_t − sqrt(1−ᾱ_t) ε̂) / sqrt(ᾱ_t)
-        v_prediction:  x̂0 = sqrt(ᾱ_t) x_t − sqrt(1−ᾱ_t) v,   ε̂ = sqrt(ᾱ_t) v + sqrt(1−ᾱ_t) x_t
-        sample:        x̂0 = model output,                      ε̂ = (x_t − sqrt(ᾱ_t) x̂0) / sqrt(1−ᾱ_t)
+    """DDPM-family base: x̂0 and ε̂ from the network's `prediction_type` (`diffenv.forward`, α = sqrt(ᾱ_t),
+    σ = sqrt(1−ᾱ_t): Ho et al. eq. 15, Salimans & Ho 2022).
 
     x̂0 is then clamped to ±clip_sample_range if `clip_sample`; ε̂ stays the unclipped one (diffusers'
     `use_clipped_model_output=False`).
@@ -157,13 +156,8 @@ class _DiscreteTimeSampler(Sampler):
     def _x0_and_eps(self, latents: Tensor, model_output: Tensor, step_index: Tensor) -> tuple[Tensor, Tensor]:
         sqrt_a = self._gather(self._coefs["sqrt_alpha_prod"], step_index, latents)
         sqrt_1ma = self._gather(self._coefs["sqrt_one_minus_alpha_prod"], step_index, latents)
-        if self.prediction_type == "epsilon":
-            x0, eps = (latents - sqrt_1ma * model_output) / sqrt_a, model_output
-        elif self.prediction_type == "v_prediction":
-            x0 = sqrt_a * latents - sqrt_1ma * model_output
-            eps = sqrt_a * model_output + sqrt_1ma * latents
-        else:  # "sample"
-            x0, eps = model_output, (latents - sqrt_a * model_output) / sqrt_1ma
+        x0 = predicted_x0(self.prediction_type, latents, model_output, sqrt_a, sqrt_1ma)
+        eps = predicted_noise(self.prediction_type, latents, model_output, sqrt_a, sqrt_1ma)
         if self.clip_range is not None:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         return x0, eps
@@ -230,7 +224,8 @@ class FlowSampler(Sampler):
     def pred_original_sample(self, latents: Tensor, model_output: Tensor, step_index) -> Tensor:
         """x̂0 = x_t − t v."""
         latents, model_output, step_index = self._prepare(latents, model_output, step_index)
-        return latents - self._gather(self._coefs["sigma"], step_index, latents) * model_output
+        t = self._gather(self._coefs["sigma"], step_index, latents)
+        return predicted_x0("flow", latents, model_output, 1 - t, t)
 
     def step_distribution(self, latents: Tensor, model_output: Tensor, step_index) -> tuple[Tensor, Tensor]:
         latents, v, step_index = self._prepare(latents, model_output, step_index)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from agents.algos import ALGORITHMS, make_algorithm_config
+from agents.losses import total_loss
 from agents.policy import DiffusionPolicy
 from agents.rollout import collect_rollout
 from agents.trainer import TrainConfig, Trainer
@@ -87,7 +88,7 @@ def lora_grads(policy):
 def backward(algo, items):
     algo.policy.zero_grad(set_to_none=True)
     out = algo.loss(items)
-    out["loss"].backward()
+    total_loss(out).backward()
     return out
 
 
@@ -103,10 +104,10 @@ def test_ratio_is_one_at_old_parameters(name, model):
         res = algo.residual(items["old_outputs"], items)
         w = res.abs().flatten(1).mean(1).clamp(min=1e-5)
         on_policy = (res.pow(2).flatten(1).mean(1) / w).mean() / algo.cfg.beta
-        assert out["loss"].item() == pytest.approx(on_policy.item(), rel=1e-5)
+        assert total_loss(out).item() == pytest.approx(on_policy.item(), rel=1e-5)
         items["r"] = 1 - items["r"]
         with torch.no_grad():
-            assert algo.loss(items)["loss"].item() == pytest.approx(on_policy.item(), rel=1e-5)
+            assert total_loss(algo.loss(items)).item() == pytest.approx(on_policy.item(), rel=1e-5)
         return
     # measured |ρ − 1|: ≤ 1.2e-7 for the FPO and FDFO ratios (means of squares); up to 3e-5 (flow SDE) and
     # 2e-4 (DDIM) for DDPO/GRPO's exact per-step ratios, log-probs summed over 64 dims whose means the
@@ -117,6 +118,24 @@ def test_ratio_is_one_at_old_parameters(name, model):
     assert out["approx_kl"].item() == pytest.approx(0.0, abs=max(tol**2, 1e-7))
     if "ratio_min" in out:
         assert out["ratio_min"].item() == pytest.approx(1.0, abs=tol)
+
+
+@pytest.mark.parametrize("name, model", CASES)
+def test_loss_returns_named_terms_and_detached_diagnostics(name, model):
+    """The contract of `agents.losses`: `loss_*` terms keep their graph and sum to the objective, every other
+    entry is a detached scalar; β·KL is its own term, next to the unweighted `kl_to_ref` diagnostic."""
+    algo, policy, env = build(name, model, **({"kl_coef": 0.5} if name in ("grpo", "nft") else {}))
+    out = algo.loss(prepare(algo, rollout_of(policy, env)))
+    terms = {k for k in out if k.startswith("loss_")}
+    assert "loss_policy" in terms and all(v.dim() == 0 for v in out.values())
+    assert all(out[k].requires_grad for k in terms)
+    assert not any(v.requires_grad for k, v in out.items() if k not in terms)
+    assert torch.equal(total_loss(out), sum(out[k] for k in out if k in terms))
+    if name in ("grpo", "nft"):
+        assert out["loss_kl"].item() == pytest.approx(0.5 * out["kl_to_ref"].item(), rel=1e-6)
+    if name in ("ddpo", "grpo", "fpo", "fdfo"):  # ratio diagnostics from the shared `ratio_diagnostics`
+        assert {"ratio_mean", "ratio_max", "ratio_min", "approx_kl", "ess"} <= out.keys()
+        assert 0 < out["ess"].item() <= 1 + 1e-6
 
 
 @pytest.mark.parametrize("name, model", CASES)
@@ -192,7 +211,29 @@ def test_nft_reference_term_vanishes_at_the_base(model):
     assert out["kl_to_ref"].item() == pytest.approx(0.0, abs=1e-10)
     algo_off, policy_off, env_off = build("nft", model, perturb=False)
     out_off = backward(algo_off, prepare(algo_off, rollout_of(policy_off, env_off)))
-    assert out["loss"].item() == pytest.approx(out_off["loss"].item(), rel=1e-6)
+    assert total_loss(out).item() == pytest.approx(total_loss(out_off).item(), rel=1e-6)
+
+
+def test_algorithm_files_import_no_other_algorithm():
+    """One algorithm per file: each imports shared modules only (`agents.algos.base`, `agents.losses`, …);
+    `diffenv` (the forward process, the samplers) never imports `agents`."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+
+    def imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return ({a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module})
+
+    algos = {p.stem for p in (root / "agents" / "algos").glob("*.py")} - {"__init__", "base"}
+    assert {cls.__module__.rsplit(".", 1)[1] for cls in ALGORITHMS.values()} <= algos
+    for name in algos:
+        used = {m for m in imports(root / "agents" / "algos" / f"{name}.py") if m.startswith("agents.algos")}
+        assert used <= {"agents.algos.base"}, (name, used)
+    for path in (root / "diffenv").rglob("*.py"):
+        assert not any(m.split(".")[0] == "agents" for m in imports(path)), path
 
 
 def test_fpo_refuses_epsilon_models():
@@ -218,7 +259,7 @@ def endpoints_after_update(name, model, sign: float, steps: int = 3, lr: float =
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        algo.loss(items)["loss"].backward()
+        total_loss(algo.loss(items)).backward()
         opt.step()
     env.generator.set_state(env_state)  # the same x_T and conditions; rollout_of repeats the churn noise
     after = rollout_of(policy, env)

@@ -170,6 +170,7 @@ def test_env_noise_mode_reproduces_the_plain_pipeline_with_cfg(folders, family):
 def test_policy_log_prob_grpo_update_and_diffusers_lora_round_trip(folders, family, tmp_path):
     from agents import DiffusionPolicy
     from agents.algos.grpo import GRPO, GRPOConfig
+    from agents.losses import total_loss
     from agents.rollout import collect_rollout
     from diffenv.models.lora import adapter_disabled
     from diffenv.samplers import gaussian_log_prob
@@ -200,7 +201,7 @@ def test_policy_log_prob_grpo_update_and_diffusers_lora_round_trip(folders, fami
     out = algo.loss(items)
     assert out["ratio_mean"].item() == pytest.approx(1.0, abs=1e-3)  # at the old parameters (float32 noise)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
-    out["loss"].backward()
+    total_loss(out).backward()
     optimizer.step()
     after = backend.denoiser.state_dict()
     changed = {name for name in after if not torch.equal(after[name], base[name])}

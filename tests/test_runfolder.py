@@ -275,7 +275,7 @@ def test_non_finite_training_stops_with_the_cause_and_keeps_the_good_checkpoint(
     def bad_loss(items):
         out = loss(items)
         if trainer.epoch + 1 == epoch_of_break:  # a constant: the gradient stays finite, only the loss is not
-            out["loss"] = out["loss"] + float("nan" if break_at == "loss" else "inf")
+            out["loss_policy"] = out["loss_policy"] + float("nan" if break_at == "loss" else "inf")
         return out
 
     def bad_step(*a, **k):

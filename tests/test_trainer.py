@@ -12,6 +12,7 @@ import torch
 
 from agents.trainer import TrainConfig, Trainer
 from diffenv.models.lora import lora_state_dict
+from host_syncs import count_host_syncs
 
 SMALL = {"images_per_epoch": 16, "group_size": 4, "minibatch_size": 16}
 
@@ -88,6 +89,38 @@ def test_nan_reward_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="reward 'broken' returned NaN"):
         trainer.train()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("algo", ["ddpo", "grpo", "fpo", "nft", "fdfo"])
+def test_one_host_sync_per_optimizer_step(tmp_path, algo):
+    """Loss terms and diagnostics stay on the device: an optimizer step reads only the finiteness check (one
+    sync), and the epoch's diagnostics come back in one transfer. Counted with the CPU proxy of `host_syncs`,
+    as the difference between an epoch of 3 passes and one of 1 (the same rollout and prepare)."""
+
+    def epoch(inner: int):
+        trainer = Trainer(config(tmp_path / f"{algo}{inner}", images=16, algo=algo, inner_epochs=inner,
+                                 minibatch_size=8, **({"group_size": 2} if algo == "fdfo" else {})))
+        steps = 0
+        step = trainer.optimizer.step
+
+        def counted_step(*a, **k):
+            nonlocal steps
+            steps += 1
+            return step(*a, **k)
+
+        trainer.optimizer.step = counted_step
+        with count_host_syncs() as syncs:
+            row = trainer.train_epoch()
+        trainer.folder.release()
+        return syncs, steps, row
+
+    once, steps_once, row = epoch(1)
+    thrice, steps_thrice, _ = epoch(3)
+    per_step = {op: (thrice.ops[op] - once.ops[op]) / (steps_thrice - steps_once) for op in thrice.ops | once.ops}
+    assert sum(per_step.values()) == 1, per_step  # `_check_update`'s NaN/inf test of loss and gradient norm
+    if algo != "ddpo":  # (DDPO's per-condition statistics are host-side by design)
+        assert once.ops["tolist"] <= 2, once.ops  # the diagnostics' one read, and the weights' NaN/inf check
+    assert {"loss", "loss_policy", "policy_loss", "grad_norm", "kl_to_base"} <= row.keys()
 
 
 def test_torchrun_two_ranks_end_with_identical_lora(tmp_path):

@@ -1,11 +1,14 @@
-"""Diffusion-RL algorithms, one file each, all on the rollout format of `agents.rollout`."""
+"""Diffusion-RL algorithms, one file each, all on the rollout format of `agents.rollout`.
+
+An algorithm file imports only shared modules (`agents.algos.base`, `agents.losses`, `agents.advantages`,
+`agents.rollout`, `diffenv`), never another algorithm."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
+from agents.algos.base import AlgoConfig, Algorithm
 from agents.algos.ddpo import DDPO, DDPOConfig
 from agents.algos.fdfo import FDFO, FDFOConfig
 from agents.algos.fpo import FPO, FPOConfig
@@ -30,6 +33,6 @@ def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) ->
         raise type(e)(f"{algo} option {e}") from None
 
 
-__all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "clipped_surrogate", "make_algorithm_config",
+__all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "make_algorithm_config",
            "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FPO", "FPOConfig", "DiffusionNFT", "NFTConfig",
            "FDFO", "FDFOConfig"]

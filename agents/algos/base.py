@@ -1,4 +1,4 @@
-"""What every algorithm shares: its config fields, its interface, the PPO-clip surrogate."""
+"""What every algorithm shares: its config fields and its interface (the loss pieces: `agents.losses`)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ class Algorithm:
         raise NotImplementedError
 
     def loss(self, items: TensorDict) -> dict[str, torch.Tensor]:
+        """Already-weighted `loss_*` terms (with graph; the trainer sums them) and detached diagnostics
+        (`agents.losses`)."""
         raise NotImplementedError
 
     def collect_context(self):
@@ -77,32 +79,3 @@ class Algorithm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-                      late_steps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """PPO-clip (Schulman et al. 2017, eq. 7): `E max(−A ρ, −A clip(ρ, 1 ± ε))` with diagnostics.
-
-    `late_steps` (bool [B], per-step algorithms): also report the clip fraction of the early and late
-    denoising steps separately — with exact summed log-probs the low-noise late steps move the ratio most.
-    """
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        return {
-            "loss": loss,  # keeps its graph: the trainer backpropagates this entry
-            "policy_loss": loss.detach(),
-            "ratio_mean": ratio.mean(),
-            "ratio_max": ratio.max(),
-            "clip_frac": ((ratio - 1).abs() > clip_range).float().mean(),
-            "approx_kl": ((ratio - 1) - log_ratio).mean(),  # Schulman's k3 estimator of KL(old‖new)
-        } | ({} if late_steps is None else {
-            "clip_frac_early": _masked_mean(((ratio - 1).abs() > clip_range).float(), ~late_steps),
-            "clip_frac_late": _masked_mean(((ratio - 1).abs() > clip_range).float(), late_steps),
-        })
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from tensordict import TensorDict
 
 from agents.advantages import PerConditionStats
-from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
+from agents.algos.base import AlgoConfig, Algorithm
+from agents.losses import clipped_surrogate
 from agents.rollout import transitions
 from diffenv.validation import bounds
 
@@ -57,8 +58,7 @@ class DDPO(Algorithm):
         log_prob = self.policy.log_prob(items["next_latents"], items["latents"], items["step_index"],
                                         items["conditions"])
         if self.cfg.reinforce:
-            loss = -(items["advantages"] * log_prob).mean()
-            return {"loss": loss, "policy_loss": loss.detach()}
+            return {"loss_policy": -(items["advantages"] * log_prob).mean()}
         late = items["step_index"] >= self.policy.num_steps // 2
         return clipped_surrogate(log_prob - items["log_probs"], items["advantages"], self.cfg.clip_range, late)
 

@@ -40,9 +40,11 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
+from agents.advantages import group_centred
 from agents.algos.base import AlgoConfig, Algorithm
-from agents.algos.fpo import ForwardProcess, per_sample_mean
+from agents.losses import per_sample_mean, ratio_diagnostics
 from agents.rollout import transitions
+from diffenv.forward import x0_sign
 from diffenv.validation import bounds
 
 
@@ -64,16 +66,6 @@ class FDFOConfig(AlgoConfig):
     """added to mean d² before the square root (identical endpoints give d̃ = 0)"""
 
 
-def group_centred(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """x_i − mean_{j in group(i)} x_j for x [B, ...]; for pairs, (x¹ − x²)/2 and its negative."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n = int(inverse.max()) + 1
-    flat = x.reshape(len(x), -1)
-    count = torch.zeros(n, device=x.device, dtype=flat.dtype).index_add_(0, inverse, torch.ones_like(flat[:, 0]))
-    mean = torch.zeros(n, flat.shape[1], device=x.device, dtype=flat.dtype).index_add_(0, inverse, flat)
-    return (flat - (mean / count[:, None])[inverse]).view_as(x)
-
-
 class FDFO(Algorithm):
     name = "fdfo"
     Config = FDFOConfig
@@ -84,7 +76,7 @@ class FDFO(Algorithm):
             raise ValueError(f"FDFO needs pairs: group_size must be >= 2 (the paper uses 2), got {cfg.group_size}")
         if not cfg.spo_eps > 0:
             raise ValueError(f"spo_eps must be > 0, got {cfg.spo_eps}")
-        self.x0_sign = ForwardProcess(policy).x0_sign
+        self.x0_sign = x0_sign(policy.backend.prediction_type)
 
     @torch.no_grad()
     def prepare(self, rollout: TensorDict) -> TensorDict:
@@ -105,14 +97,7 @@ class FDFO(Algorithm):
         log_ratio = -per_sample_mean((v_theta - items["targets"]).pow(2)) + per_sample_mean(d.pow(2))
         ratio = log_ratio.exp()
         per_state = -dr * ratio + dr.abs() / (2 * self.cfg.spo_eps) * (ratio - 1).pow(2)
-        loss = per_state.mean()
-        with torch.no_grad():
-            return {
-                "loss": loss,  # keeps its graph
-                "policy_loss": loss.detach(),
-                "ratio_mean": ratio.mean(),
-                "ratio_max": ratio.max(),
-                "ratio_min": ratio.min(),
-                "approx_kl": ((ratio - 1) - log_ratio).mean(),
-                "reward_diff_abs": dr.abs().mean(),
-            }
+        out = {"loss_policy": per_state.mean()}  # the SPO objective: surrogate and trust-region penalty in one
+        out |= ratio_diagnostics(log_ratio.detach())
+        out["reward_diff_abs"] = dr.abs().mean().detach()
+        return out

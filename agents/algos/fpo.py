@@ -16,7 +16,7 @@ t ~ U(0, 1), the distribution the flow model was trained on (network timestep `T
 
 Families: rectified flow only (`families = ("flow",)`). The FPO-for-diffusion variant for ε-models —
 the model's own ε-MSE at the DDPM noising `x_τ = √ᾱ_τ a + √(1−ᾱ_τ) ε` as the "CFM loss", a weighted
-ELBO like any denoising loss (Kingma & Gao 2023) — is what `ForwardProcess` would give, and it was
+ELBO like any denoising loss (Kingma & Gao 2023) — is what `diffenv.forward.ForwardProcess` would give, and it was
 tried: on digits-eps it *lowered* the reward (figures and commit: docs/design.md §11),
 while the same code raised it on digits-flow. Uniform-τ ε-MSE puts little
 weight on the high-noise levels where a sample's structure is decided; re-weighting it to the flow
@@ -28,7 +28,7 @@ The squared error is averaged over latent dims (a summed error makes ρ ~D times
 parameter step; with Adam the two differ only in which ε and learning rate pair up). FPO ignores how
 the action was sampled, so any rollout sampler works; only x0 and the condition are used.
 
-`ForwardProcess` (the family's noising, regression target and x̂0) is shared with DiffusionNFT.
+The family's noising and regression target are `diffenv.forward.ForwardProcess` (beside the samplers).
 """
 
 from __future__ import annotations
@@ -39,92 +39,11 @@ import torch
 from tensordict import TensorDict
 
 from agents.advantages import group_advantages
-from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
+from agents.algos.base import AlgoConfig, Algorithm
+from agents.losses import clipped_surrogate, per_sample_mean
 from agents.policy import DiffusionPolicy
-from diffenv.models.lora import adapter_disabled
+from diffenv.forward import ForwardProcess
 from diffenv.validation import SEED, bounds
-
-
-class ForwardProcess:
-    """The forward (noising) process a model was trained with, indexed by u ∈ [0, 1) (0 = data).
-
-    | family | noising at u                           | network timestep | target (output space)               |
-    |--------|----------------------------------------|------------------|-------------------------------------|
-    | flow   | x_t = (1 − t) x0 + t ε, t = u          | T · t            | ε − x0                              |
-    | ddpm   | x_τ = √ᾱ_τ x0 + √(1−ᾱ_τ) ε, τ = ⌊u T⌋  | τ                | ε; √ᾱ ε − √(1−ᾱ) x0 (v-pred); x0    |
-
-    These are the distributions the models were trained on (`diffenv.models.train_digits`).
-
-    `x0_sign` is the sign of ∂x̂0/∂(model output): −1 for flow, ε and v prediction, +1 for x0 prediction.
-    """
-
-    def __init__(self, policy: DiffusionPolicy):
-        self.policy = policy
-        backend = policy.backend
-        self.family, self.prediction_type = backend.family, backend.prediction_type
-        self.num_train_timesteps = int(backend.num_train_timesteps)
-        self.x0_sign = 1.0 if self.prediction_type == "sample" else -1.0
-        if self.family == "ddpm":
-            from diffusers import DDPMScheduler
-
-            scheduler = DDPMScheduler.from_config(backend.scheduler_config)
-            self.alphas_cumprod = scheduler.alphas_cumprod.double().to(policy.device)  # [T]
-
-    def draw(self, n: int, shape, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """u [n] ~ U(0, 1) and ε [n, *shape] ~ N(0, I) from `generator`."""
-        dev = self.policy.device
-        u = torch.rand(n, generator=generator, device=dev)
-        return u, torch.randn((n, *shape), generator=generator, device=dev)
-
-    def _coefs(self, u: torch.Tensor, like: torch.Tensor):
-        """(signal, noise) coefficients [n, 1, ...] and the network timesteps [n]."""
-        view = (-1, *([1] * (like.dim() - 1)))
-        if self.family == "flow":
-            return (1 - u).view(view), u.view(view), u * self.num_train_timesteps
-        tau = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
-        abar = self.alphas_cumprod[tau].to(like.dtype)
-        return abar.sqrt().view(view), (1 - abar).sqrt().view(view), tau.to(like.dtype)
-
-    def noise(self, x0: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_u [n, C, H, W], network timesteps [n])."""
-        a, s, timesteps = self._coefs(u, x0)
-        return a * x0 + s * eps, timesteps
-
-    def target(self, x0: torch.Tensor, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """The regression target in the model's output space (what its training loss regressed on)."""
-        if self.prediction_type == "flow":
-            return eps - x0
-        if self.prediction_type == "epsilon":
-            return eps
-        if self.prediction_type == "v_prediction":
-            a, s, _ = self._coefs(u, x0)
-            return a * eps - s * x0
-        return x0
-
-    def pred_x0(self, output: torch.Tensor, x_t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """x̂0 implied by the model output at (x_u, u), unclipped."""
-        a, s, _ = self._coefs(u, x_t)
-        if self.prediction_type == "flow":
-            return x_t - s * output
-        if self.prediction_type == "epsilon":
-            return (x_t - s * output) / a
-        if self.prediction_type == "v_prediction":
-            return a * x_t - s * output
-        return output
-
-    def model_output(self, x_t: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor,
-                     reference: bool = False) -> torch.Tensor:
-        """The policy's network output (with its CFG weight) at arbitrary timesteps; base model if `reference`."""
-        p = self.policy
-        if reference:
-            with adapter_disabled(p.denoiser):
-                return p.backend.predict(x_t, timesteps, conditions, p.guidance_scale)
-        return p.backend.predict(x_t, timesteps, conditions, p.guidance_scale)
-
-
-def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dims: [B, ...] -> [B]."""
-    return x.flatten(1).mean(1)
 
 
 @dataclass
@@ -143,13 +62,13 @@ class FPOConfig(AlgoConfig):
     """seed of the algorithm's generator for the (t, ε) draws (plus the rank)"""
 
 
-def cfm_losses(process: ForwardProcess, actions, times, noises, conditions) -> torch.Tensor:
+def cfm_losses(policy: DiffusionPolicy, process: ForwardProcess, actions, times, noises, conditions) -> torch.Tensor:
     """ℓ per draw, [b, n]: mean-over-dims squared error of the model output against the target."""
     b, n = times.shape
     a = actions.unsqueeze(1).expand(b, n, *actions.shape[1:]).reshape(b * n, *actions.shape[1:])
     eps, u = noises.reshape(b * n, *noises.shape[2:]), times.reshape(-1)
     x_t, timesteps = process.noise(a, u, eps)
-    out = process.model_output(x_t, timesteps, conditions.repeat_interleave(n))
+    out = policy.predict(x_t, timesteps, conditions.repeat_interleave(n))
     return per_sample_mean((out - process.target(a, u, eps)).pow(2)).view(b, n)
 
 
@@ -162,7 +81,7 @@ class FPO(Algorithm):
         super().__init__(policy, cfg, dist)
         if cfg.n_mc < 1:
             raise ValueError(f"n_mc must be >= 1, got {cfg.n_mc}")
-        self.process = ForwardProcess(policy)
+        self.process = ForwardProcess.of(policy.backend)
         self.generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + self.dist.rank)
 
     @torch.no_grad()
@@ -179,13 +98,14 @@ class FPO(Algorithm):
             "times": u.view(b, self.cfg.n_mc),
             "noises": eps.view(b, self.cfg.n_mc, *actions.shape[1:]),
         }, batch_size=[b], device=actions.device)
-        chunks = [cfm_losses(self.process, *(mb[k] for k in ("actions", "times", "noises", "conditions")))
+        chunks = [cfm_losses(self.policy, self.process, *(mb[k] for k in ("actions", "times", "noises", "conditions")))
                   for mb in items.split(self.cfg.minibatch_size)]
         items["cfm_old"] = torch.cat(chunks)  # [B, n_mc]
         return items
 
     def loss(self, items: TensorDict) -> dict:
-        cfm = cfm_losses(self.process, items["actions"], items["times"], items["noises"], items["conditions"])
+        cfm = cfm_losses(self.policy, self.process, items["actions"], items["times"], items["noises"],
+                         items["conditions"])
         log_ratio = items["cfm_old"].mean(1) - cfm.mean(1)  # log ρ = ℓ_old − ℓ_θ
         out = clipped_surrogate(log_ratio, items["advantages"], self.cfg.clip_range)
         out["cfm_loss"] = cfm.mean().detach()

@@ -3,8 +3,8 @@
 - group advantages: `A_i = (R_i − mean_group)/(std_group + 1e-4)` over the `group_size` images
   that share a condition;
 - the PPO-clip surrogate on exact per-step ratios (as DDPO);
-- plus `β · ‖μ_θ − μ_ref‖² / (2σ_t²)` per step: the closed-form KL between the two Gaussians of equal
-  σ_t, `μ_ref` from the adapter-disabled (base) model.
+- plus `β · ‖μ_θ − μ_ref‖² / (2σ_t²)` per step (the `loss_kl` term): the closed-form KL between the two
+  Gaussians of equal σ_t, `μ_ref` from the adapter-disabled (base) model.
 Works on both families: DDIM(η) / DDPM steps for ε-models, the flow SDE for rectified flow.
 """
 
@@ -16,8 +16,10 @@ import torch
 from tensordict import TensorDict
 
 from agents.advantages import group_advantages
-from agents.algos.base import AlgoConfig, Algorithm, clipped_surrogate
+from agents.algos.base import AlgoConfig, Algorithm
+from agents.losses import clipped_surrogate, gaussian_kl_equal_std
 from agents.rollout import transitions
+from diffenv.samplers import gaussian_log_prob
 from diffenv.validation import bounds
 
 
@@ -31,12 +33,6 @@ class GRPOConfig(AlgoConfig):
     """added to the group std"""
 
 
-def gaussian_kl_equal_std(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL(N(μ, σ²I) ‖ N(μ_ref, σ²I)) = ‖μ − μ_ref‖² / (2σ²), summed over dims: [B]."""
-    sq = (mean - ref_mean).pow(2).flatten(1).sum(1)
-    return sq / (2 * std.pow(2))
-
-
 class GRPO(Algorithm):
     name = "grpo"
     Config = GRPOConfig
@@ -46,8 +42,6 @@ class GRPO(Algorithm):
         return transitions(rollout)
 
     def loss(self, items: TensorDict) -> dict:
-        from diffenv.samplers import gaussian_log_prob
-
         x, k, c = items["latents"], items["step_index"], items["conditions"]
         mean, std = self.policy.distribution(x, k, c)
         log_prob = gaussian_log_prob(items["next_latents"], mean, std)
@@ -57,6 +51,6 @@ class GRPO(Algorithm):
             with torch.no_grad():
                 ref_mean, _ = self.policy.distribution(x, k, c, reference=True)
             kl = gaussian_kl_equal_std(mean, ref_mean, std).mean()
-            out["loss"] = out["loss"] + self.cfg.kl_coef * kl
+            out["loss_kl"] = self.cfg.kl_coef * kl
             out["kl_to_ref"] = kl.detach()
         return out

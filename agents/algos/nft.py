@@ -10,7 +10,7 @@ and their rewards are used. Per sample (and per (t, ε) draw, made in `prepare`)
    `v⁺ = β v_θ + (1 − β) v_old`, `v⁻ = (1 + β) v_old − β v_θ`;
 4. `x̂0^± = x_t − t v^±`, `w^± = sg(mean |x̂0^± − x0|)` (adaptive weight, clipped at 1e-5);
    `L = [r ‖x̂0⁺ − x0‖² / w⁺ + (1 − r) ‖x̂0⁻ − x0‖² / w⁻] / β  (+ λ ‖v_θ − v_ref‖²)`, ‖·‖² a mean
-   over latent dims, v_ref the adapter-disabled (base) model.
+   over latent dims, v_ref the adapter-disabled (base) model (terms `loss_policy` and `loss_kl`).
 
 At θ = θ_old the loss is `mean ‖x̂0_old − x0‖² / w_old / β` whatever r, and its gradient is
 ∝ `t (1 − 2r) (x̂0_old − x0) / w_old · ∂v_θ` (β cancels): r > ½ pulls x̂0 toward the sample, r < ½
@@ -43,7 +43,8 @@ from tensordict import TensorDict
 
 from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm
-from agents.algos.fpo import ForwardProcess, per_sample_mean
+from agents.losses import per_sample_mean
+from diffenv.forward import ForwardProcess
 from diffenv.validation import SEED, bounds
 
 
@@ -96,7 +97,7 @@ class DiffusionNFT(Algorithm):
             raise ValueError(f"beta must be > 0, got {cfg.beta}")
         if not 0 <= cfg.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-        self.process = ForwardProcess(policy)
+        self.process = ForwardProcess.of(policy.backend)
         self.generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + self.dist.rank)
         self.params = policy.trainable_parameters()
         self.ema = [p.detach().clone() for p in self.params]  # the old policy's LoRA tensors
@@ -129,7 +130,7 @@ class DiffusionNFT(Algorithm):
         return swapped_in(self.params, self.ema) if self.cfg.collect_with_old else super().collect_context()
 
     def _outputs(self, items: TensorDict, reference: bool = False) -> torch.Tensor:
-        return torch.cat([self.process.model_output(mb["latents"], mb["timesteps"], mb["conditions"], reference)
+        return torch.cat([self.policy.predict(mb["latents"], mb["timesteps"], mb["conditions"], reference)
                           for mb in items.split(self.cfg.minibatch_size)])
 
     def residual(self, output: torch.Tensor, items: TensorDict) -> torch.Tensor:
@@ -141,7 +142,7 @@ class DiffusionNFT(Algorithm):
     # ------------------------------------------------------------------ the loss, in the paper's order
     def loss(self, items: TensorDict) -> dict:
         beta, r = self.cfg.beta, items["r"]
-        v_theta = self.process.model_output(items["latents"], items["timesteps"], items["conditions"])
+        v_theta = self.policy.predict(items["latents"], items["timesteps"], items["conditions"])
         v_old = items["old_outputs"]
         v_pos = beta * v_theta + (1 - beta) * v_old
         v_neg = (1 + beta) * v_old - beta * v_theta
@@ -151,11 +152,10 @@ class DiffusionNFT(Algorithm):
             w_neg = per_sample_mean(res_neg.abs()).clamp(min=1e-5)
         per_item = (r * per_sample_mean(res_pos.pow(2)) / w_pos
                     + (1 - r) * per_sample_mean(res_neg.pow(2)) / w_neg) / beta
-        policy_loss = per_item.mean()
-        out = {"loss": policy_loss, "policy_loss": policy_loss.detach()}
+        out = {"loss_policy": per_item.mean()}
         if self.cfg.kl_coef > 0:
             kl = per_sample_mean((v_theta - items["ref_outputs"]).pow(2)).mean()
-            out["loss"] = out["loss"] + self.cfg.kl_coef * kl
+            out["loss_kl"] = self.cfg.kl_coef * kl
             out["kl_to_ref"] = kl.detach()
         with torch.no_grad():
             out["old_deviate"] = per_sample_mean((v_theta - v_old).pow(2)).mean()
