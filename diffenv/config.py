@@ -51,6 +51,8 @@ class EnvConfig:
     seed: int | None = field(default=None, metadata=SEED)
     action_bound: float = field(default=NOISE_ACTION_BOUND, metadata=bounds(gt=0, finite=False))
     model_kwargs: dict | None = None
+    validate: bool = True
+    """check actions, model outputs and rewards for NaN/inf (read once per episode); False: skip, for trusted hot loops"""
 
     def __post_init__(self) -> None:
         validate_fields(self)

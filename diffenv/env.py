@@ -61,6 +61,17 @@ class DiffusionSteerEnv(gym.Env):
     `info` holds `final_images` (in [0, 1]) and `reward_components`; `info["nfe"]` always holds the
     network evaluations spent on this episode (2 per step with CFG).
 
+    ## Validation
+    With `validate=True` (default) a non-finite action, a NaN/inf model output (with a diagnosis: huge
+    actions, guidance overflow or NaN weights) and a failed reward check (NaN/inf reward, condition id out
+    of the reward's range) are `ValueError`s. Reading a check is a host sync, which stalls a GPU, so the
+    vector env records them on the device and reads them at the episode's last step (sub-envs stepped
+    together from a full reset); a vector step in noise or latent mode then never waits for the device.
+    Actions given as numpy arrays are on the host already and are checked at once; torch actions raise at
+    the episode's end, naming the first bad step. The general path (sub-envs reset separately), this
+    single env and `DiffusionSteerVectorEnv.check()` read the checks at every step. `validate=False` skips
+    them all, for trusted hot loops.
+
     ## Arguments
 
     | argument | default | meaning |
@@ -80,11 +91,13 @@ class DiffusionSteerEnv(gym.Env):
     | `device`, `seed` | `"cpu"`, None | torch device of all state; generator seed (`reset(seed=...)` reseeds) |
     | `action_bound` | 8.0 | half-width b of the noise / initial-noise box (see the action space); `math.inf`: no box. A coordinate of ε ~ N(0, I) exceeds 8 with probability erfc(8/√2) ≈ 1.2e-15, so the default leaves the base sampler exact (expected clamps ≈ 0.004 over 10⁶ SDXL images × 50 steps × 65,536 latent dims); SAC-style squashed policies want a small b (e.g. 1.5) |
     | `model_kwargs` | None | backend options, e.g. `{"prompts": "prompts.txt", "torch_dtype": "fp16"}` for `"sd:PATH"` |
+    | `validate` | True | NaN/inf checks of actions, model outputs and rewards (see Validation); False: none, for trusted hot loops |
 
     `reset(options={"conditions": ids})` fixes the conditions of the next episode.
 
     ## Version History
-    * v0: initial version; `action_bound` now defaults to 8 (was unbounded), so SB3 takes the env as is.
+    * v0: initial version; `action_bound` now defaults to 8 (was unbounded), so SB3 takes the env as is;
+      `validate`, and the vector env reads torch-action and model-output checks at the episode's end.
     """
 
     metadata = {"render_modes": []}
@@ -137,6 +150,7 @@ class DiffusionSteerEnv(gym.Env):
         if tuple(a.shape) != expected:
             raise ValueError(f"action has shape {tuple(a.shape)}; expected {expected} (the latent shape)")
         obs, reward, terminated, truncated, info = self.vector_env.step(a[None])
+        self.vector_env.check()  # this env reads every step back to the host anyway: fail at the step at fault
         return self._obs(obs), float(reward[0]), bool(terminated[0]), bool(truncated[0]), self._info(info)
 
     def close(self):

@@ -3,6 +3,15 @@
 Every sub-env's state is a row of a few torch tensors on `device`; a step is one batched network call
 plus the sampler's transition maths, with no Python loop over sub-envs. Observations, rewards and
 flags are returned as torch tensors on `device`.
+
+No host syncs in the common case. Collection, `generate` and any loop that starts from a full reset step
+every sub-env together ("lockstep"); the env then knows every sub-env's step index on the host
+(`_lockstep`) and decides each branch of `step` from it, never from a device tensor: a step in noise or
+latent mode enqueues its work and returns without waiting for the device. Validation (finite actions,
+finite model outputs, the rewards' checks) is recorded on the device as it happens and read once, at the
+episode's last step (two syncs: the env's inputs, then the rewards). Anything else, i.e. sub-envs reset
+separately, runs the general masked path, which reads its masks from the device (a few syncs per step) and
+checks every step. Docs: docs/design.md §1.
 """
 
 from __future__ import annotations
@@ -17,8 +26,10 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffenv.config import ONE_STEP_MODES, EnvConfig
+from diffenv.episode_checks import EpisodeChecks, non_finite_actions
 from diffenv.models import load_backend, nfe_per_step
 from diffenv.samplers import make_sampler
+from rewards.base import deferred_checks
 
 _AUTORESET = {m.name.lower(): m for m in AutoresetMode}
 
@@ -96,7 +107,9 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self._cached_output: torch.Tensor | None = None  # model output at the current latents
         self._last_dense = torch.zeros(n, device=dev)  # R(x̂0) at the current latents (dense reward)
         self._started = False
+        self._lockstep: int | None = None  # the step index all sub-envs share, known on the host; None: may differ
         self._group = torch.arange(n, device=dev) // cfg.group_size  # [N] group id of each sub-env
+        self._checks = EpisodeChecks(n, shape, dev)
 
     # ------------------------------------------------------------------ reset
     @torch.no_grad()  # the env is a simulator: policies compute their own gradients
@@ -106,17 +119,20 @@ class DiffusionSteerVectorEnv(VectorEnv):
                 raise TypeError(f"seed must be an int (one generator drives all sub-envs), got {seed!r}")
             self.generator.manual_seed(int(seed))
         options = dict(options or {})
-        mask = self._reset_mask(options.pop("reset_mask", None))
+        self._lockstep = None  # until this reset has succeeded
+        mask, full = self._reset_mask(options.pop("reset_mask", None))
         conditions = options.pop("conditions", None)
         if options:
             raise ValueError(f"unknown reset options {sorted(options)}; expected 'reset_mask' and/or 'conditions'")
-        self._reset_rows(mask, conditions)
+        self._reset_rows(mask, full, conditions)
         self._started = True
+        self._lockstep = 0 if full else None
         return self._observation(), self._info()
 
-    def _reset_mask(self, mask) -> torch.Tensor:
+    def _reset_mask(self, mask) -> tuple[torch.Tensor, bool]:
+        """The rows to reset [N] bool, and whether that is all of them (reset may sync; step may not)."""
         if mask is None:
-            return torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+            return torch.ones(self.num_envs, dtype=torch.bool, device=self.device), True
         mask = torch.as_tensor(mask, device=self.device)
         if mask.dtype != torch.bool or mask.shape != (self.num_envs,):
             raise ValueError(
@@ -125,9 +141,10 @@ class DiffusionSteerVectorEnv(VectorEnv):
         grouped = mask.view(-1, self.cfg.group_size)
         if not (grouped.all(1) | ~grouped.any(1)).all():
             raise ValueError(f"reset_mask must reset whole groups of group_size={self.cfg.group_size} sub-envs")
-        if not self._started and not mask.all():
+        full = bool(mask.all())
+        if not self._started and not full:
             raise ValueError("the first reset must reset every sub-env; got a partial reset_mask")
-        return mask
+        return mask, full
 
     def _draw_conditions(self, conditions) -> torch.Tensor:
         n_groups = self.num_envs // self.cfg.group_size
@@ -155,9 +172,10 @@ class DiffusionSteerVectorEnv(VectorEnv):
             return x.repeat_interleave(self.cfg.group_size, dim=0)
         return torch.randn((self.num_envs, *shape), generator=self.generator, device=self.device)
 
-    def _reset_rows(self, mask: torch.Tensor, conditions=None) -> None:
+    def _reset_rows(self, mask: torch.Tensor, full: bool, conditions=None) -> None:
+        """Start new episodes at the rows of `mask` [N] bool; `full`: the caller knows that is every row."""
         cond, x_T = self._draw_conditions(conditions), self._draw_initial_noise()
-        full = bool(mask.all())
+        self._checks.clear(None if full else mask)
         if full:
             self.conditions, self.latents = cond, x_T
         else:
@@ -180,19 +198,24 @@ class DiffusionSteerVectorEnv(VectorEnv):
     def step(self, actions):
         if not self._started:
             raise RuntimeError("step() called before reset(); call env.reset() first")
-        actions = self._check_actions(actions)
-        n = self.num_envs
-        reward = torch.zeros(n, device=self.device)
-        info: dict[str, Any] = {}
-        resetting = self._needs_reset.clone()
-        if resetting.any():  # NEXT_STEP autoreset: these sub-envs ignore the action and start over
-            self._reset_rows(resetting)
-        done = self.step_index >= self.episode_length
-        if done.any() and self.autoreset_mode is AutoresetMode.DISABLED:
-            raise RuntimeError(
-                f"sub-envs {done.nonzero().flatten().tolist()} already terminated; with autoreset_mode=DISABLED "
-                "call reset(options={'reset_mask': mask}) before stepping them"
-            )
+        actions, finite = self._check_actions(actions)
+        # In lockstep `lock` decides every branch on the host; otherwise each branch reads a mask (one sync).
+        lock, self._lockstep = self._lockstep, None  # back to the general path if this step raises
+        n, length, info = self.num_envs, self.episode_length, {}
+        resetting = self._needs_reset.clone()  # NEXT_STEP autoreset: these sub-envs ignore the action and start over
+        some_reset, full_reset = self._some_all(
+            resetting, None if lock is None else lock == length and self.autoreset_mode is AutoresetMode.NEXT_STEP)
+        if some_reset:
+            self._reset_rows(resetting, full_reset)
+        if finite is not None:  # after the autoreset, so that the new episode answers for its action
+            self._checks.record_actions(finite, self.step_index)
+        if self.autoreset_mode is AutoresetMode.DISABLED:
+            done = self.step_index >= length
+            if lock == length if lock is not None else bool(done.any()):
+                raise RuntimeError(
+                    f"sub-envs {done.nonzero().flatten().tolist()} already terminated; with autoreset_mode=DISABLED "
+                    "call reset(options={'reset_mask': mask}) before stepping them"
+                )
         active = ~resetting
         if self.cfg.action_mode == "initial_noise":
             self._run_sampler(actions, active)
@@ -200,50 +223,89 @@ class DiffusionSteerVectorEnv(VectorEnv):
             info["trajectory"] = self._run_sampler(self.latents, active, stochastic=True)
         else:
             self._transition(actions, active)
-        terminated = active & (self.step_index >= self.episode_length)
-        if terminated.any() or self.cfg.dense_reward:
-            reward = self._rewards(active, terminated, info)
-        obs = self._observation()
+        terminated = active & (self.step_index >= length)
+        lock = 0 if full_reset else None if lock is None else lock + 1  # no sub-env stepped, or every one did
+        some_end, all_end = self._some_all(terminated, None if lock is None else lock == length)
         if self.autoreset_mode is AutoresetMode.NEXT_STEP:
             self._needs_reset = terminated
-        elif self.autoreset_mode is AutoresetMode.SAME_STEP and terminated.any():
+        read_checks = self.cfg.validate and (lock is None or all_end)  # lockstep: once, at the episode's end
+        if read_checks:  # before the reward, so that a NaN model output is not reported as a NaN reward
+            self._checks.raise_inputs(self._non_finite_output)
+        if some_end or self.cfg.dense_reward:
+            reward = self._rewards(active, terminated, info, some_end, all_end)
+        else:
+            reward = torch.zeros(n, device=self.device)
+        if read_checks:
+            self._checks.raise_rewards()
+        obs = self._observation()
+        if self.autoreset_mode is AutoresetMode.SAME_STEP and some_end:
             info["final_obs"], info["_final_obs"] = obs, terminated
-            self._reset_rows(terminated)
+            self._reset_rows(terminated, all_end)
+            lock = 0 if all_end else None
             obs = self._observation()
         info.update(self._info())
+        self._lockstep = lock
         return obs, reward, terminated, torch.zeros_like(terminated), info
 
-    def _check_actions(self, actions) -> torch.Tensor:
+    def _some_all(self, mask: torch.Tensor, known: bool | None) -> tuple[bool, bool]:
+        """Whether some / all rows of `mask` [N] bool are set: `known` in lockstep (all rows or none, decided on
+        the host), else read from the device (one host sync)."""
+        if known is not None:
+            return known, known
+        count = int(mask.sum())
+        return count > 0, count == self.num_envs
+
+    def _check_actions(self, actions) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The actions as float32 on `device`, and which rows are finite [N] bool (None: checked already, or
+        `validate=False`).
+
+        Why two timings: a numpy array is in host memory, so checking it costs no sync and a non-finite value
+        raises at once, before it touches the state; a tensor may live on an accelerator, where raising at once
+        would stall every step, so its check is recorded and read at the episode's end (`EpisodeChecks`).
+        """
         expected = (self.num_envs, *self.backend.latent_shape)
         if not isinstance(actions, (torch.Tensor, np.ndarray)):
             raise TypeError(f"actions must be a torch.Tensor or numpy array of shape {expected}, got {type(actions).__name__}")
-        a = torch.as_tensor(actions, device=self.device)
+        on_host = isinstance(actions, np.ndarray)
+        a = torch.as_tensor(actions, device=None if on_host else self.device)
         if tuple(a.shape) != expected:
             raise ValueError(f"actions have shape {tuple(a.shape)}; expected {expected} (num_envs, *latent_shape)")
         if not a.dtype.is_floating_point:
             raise TypeError(f"actions must be floating point, got {a.dtype}")
-        a = a.float()
-        if not torch.isfinite(a).all():
-            bad = (~torch.isfinite(a)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise ValueError(f"actions contain NaN or inf (sub-envs {bad}); expected finite values")
+        a = a.float()  # before the check: a float64 value beyond float32's range becomes inf here
+        finite = torch.isfinite(a).flatten(1).all(1) if self.cfg.validate else None  # [N]
+        if on_host and finite is not None:
+            if not finite.all():
+                raise ValueError(non_finite_actions((~finite).nonzero().flatten().tolist()))
+            finite = None
+        a = a.to(self.device)
         if self.cfg.action_mode != "latent" and np.isfinite(self.cfg.action_bound):
             a = a.clamp(-self.cfg.action_bound, self.cfg.action_bound)
-        return a
+        return a, finite
 
     def _predict(self, latents: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
         t = self.sampler.model_timesteps[step_index.clamp(max=self.cfg.num_steps - 1)]
         out = self.backend.predict(latents, t, self.conditions, self.cfg.guidance_scale)
-        if not bool(torch.isfinite(out).all()):  # one fused check per call; the diagnosis runs only on failure
-            raise ValueError(self._non_finite_output(latents, t, out, step_index))
+        if self.cfg.validate:
+            self._checks.record_output(out, latents, step_index)
         return out
 
-    def _non_finite_output(self, latents, t, out, step_index) -> str:
+    def check(self) -> None:
+        """Raise now any error that validation has recorded for the current episodes: a non-finite action, a
+        NaN/inf model output, a failed reward check (two host syncs). `step` does this at each episode's end
+        (every step on the general path); call it to fail sooner."""
+        self._checks.raise_inputs(self._non_finite_output)
+        self._checks.raise_rewards()
+
+    def _non_finite_output(self, output_step: torch.Tensor, inputs: torch.Tensor) -> str:
         """Where a NaN/inf model output comes from (the latent, the guidance or the model), so it is not
-        reported later as a NaN reward."""
-        rows = (~torch.isfinite(out)).flatten(1).any(1).nonzero().flatten()
-        k = int(step_index[rows[0]])
+        reported later as a NaN reward. `output_step` [N]: each row's first step with a NaN/inf output (−1:
+        none); `inputs` [N, C, H, W]: the latent that step's network call saw."""
+        k = int(output_step[output_step >= 0].min())
+        rows = (output_step == k).nonzero().flatten()
         where = f"the model output is NaN/inf at denoising step {k} (sub-envs {rows[:8].tolist()})"
-        bad, w = latents[rows], self.cfg.guidance_scale
+        bad, w = inputs[rows], self.cfg.guidance_scale
+        t = self.sampler.model_timesteps[output_step[rows].clamp(max=self.cfg.num_steps - 1)]
         amplified = f", or guidance_scale={w:g} amplifying the model output" if w != 1.0 else ""
         if not bool(torch.isfinite(bad).all()):
             return f"{where}: its input latent is already NaN/inf (from actions that overflow{amplified})"
@@ -251,7 +313,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         if size > 1e4:  # latents are O(1) (x_T ~ N(0, I)); this size only comes from huge actions or guidance
             return (f"{where}: its input latent is far out of range (max |x| = {size:.3g}), "
                     f"from actions that large{amplified}")
-        if w != 1.0 and bool(torch.isfinite(self.backend.predict(latents, t, self.conditions, 1.0)).all()):
+        if w != 1.0 and bool(torch.isfinite(self.backend.predict(bad, t, self.conditions[rows], 1.0)).all()):
             return (f"{where}: classifier-free guidance with guidance_scale={w:g} overflows "
                     "(the unguided output is finite)")
         return f"{where} for an in-range latent: the model's weights (or its LoRA) hold NaN/inf, or it overflows"
@@ -259,7 +321,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
     def _transition(self, actions: torch.Tensor, active: torch.Tensor) -> None:
         k = self.step_index
         if self.cfg.action_mode == "latent":
-            new = actions.clone()  # the state must not alias a tensor the caller may modify
+            new = actions  # the `where` below copies: the state never aliases a tensor the caller may modify
         else:  # noise: one step of the frozen base sampler, driven by the action
             out = self._cached_output if self._cached_output is not None else self._predict(self.latents, k)
             self.nfe = self.nfe + active * self.nfe_per_step * (self._cached_output is None)
@@ -267,9 +329,10 @@ class DiffusionSteerVectorEnv(VectorEnv):
             new = mean + std.view(-1, 1, 1, 1) * actions
         self._cached_output = None
         if self.cfg.fork_at is not None:  # the group follows its first member's trajectory until fork_at
-            leader = new[:: self.cfg.group_size].repeat_interleave(self.cfg.group_size, dim=0)
+            grouped = new.view(-1, self.cfg.group_size, *new.shape[1:])  # [N/G, G, C, H, W]
+            leader = grouped[:, :1].expand_as(grouped).reshape(new.shape)
             new = torch.where((k < self.cfg.fork_at).view(-1, 1, 1, 1), leader, new)
-        self.latents = new if active.all() else torch.where(active.view(-1, 1, 1, 1), new, self.latents)
+        self.latents = torch.where(active.view(-1, 1, 1, 1), new, self.latents)
         self.step_index = self.step_index + active
 
     def _run_sampler(self, x: torch.Tensor, active: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
@@ -298,30 +361,36 @@ class DiffusionSteerVectorEnv(VectorEnv):
         images = self.backend.decode(x0)
         if self.reward_fn is None:
             return torch.zeros(len(x0), device=self.device), images, {}
-        comps = self.reward_fn.components(images, self.conditions)
-        total = comps[self.reward_fn.name] if self.reward_fn.name in comps else self.reward_fn(images, self.conditions)
+        with deferred_checks() as checks:  # read at the episode's end (`EpisodeChecks.raise_rewards`), not now
+            comps = self.reward_fn.components(images, self.conditions)
+            name = self.reward_fn.name
+            total = comps[name] if name in comps else self.reward_fn(images, self.conditions)
+        if self.cfg.validate:
+            self._checks.rewards += checks
         return total.to(self.device, torch.float32), images, comps
 
-    def _rewards(self, active, terminated, info) -> torch.Tensor:
-        total, images, comps = self._score(self._current_x0_estimate(terminated))
+    def _rewards(self, active, terminated, info, some_end: bool, all_end: bool) -> torch.Tensor:
+        """The step's reward [N]; `some_end`/`all_end`: whether any / every sub-env terminated (host-side)."""
+        total, images, comps = self._score(self._current_x0_estimate(active, terminated, all_end))
         if self.cfg.dense_reward:
             reward = torch.where(active, total - self._last_dense, torch.zeros_like(total))
             self._last_dense = torch.where(active, total, self._last_dense)
         else:
             reward = torch.where(terminated, total, torch.zeros_like(total))
-        if terminated.any():
+        if some_end:
             info["final_images"], info["_final_images"] = images, terminated
             info["reward_components"] = {k: v.to(self.device) for k, v in comps.items()}
             info["_reward_components"] = terminated
         return reward
 
-    def _current_x0_estimate(self, terminated: torch.Tensor) -> torch.Tensor:
+    def _current_x0_estimate(self, active, terminated, all_end: bool) -> torch.Tensor:
         """x0 at terminated rows; the model's x̂0 at the others (dense reward only; cached for the next step)."""
-        if not self.cfg.dense_reward or terminated.all():
+        if not self.cfg.dense_reward or all_end:
             return self.latents
         out = self._predict(self.latents, self.step_index)
         self._cached_output = out if self.cfg.action_mode == "noise" else None
-        self.nfe = self.nfe + ~terminated * self.nfe_per_step
+        # rows reset in this step counted this call at their reset (same latent, same output)
+        self.nfe = self.nfe + (active & ~terminated) * self.nfe_per_step
         x0_hat = self.sampler.pred_original_sample(self.latents, out, self.step_index.clamp(max=self.cfg.num_steps - 1))
         return torch.where(terminated.view(-1, 1, 1, 1), self.latents, x0_hat)
 
@@ -338,7 +407,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         return {"nfe": self.nfe.clone(), "step_index": self.step_index.clone()}
 
     def close_extras(self, **kwargs: Any) -> None:
-        self._started = False
+        self._started, self._lockstep = False, None
 
 
 def _summary(ids: list[int], limit: int = 12) -> str:

@@ -4,16 +4,57 @@
 `torch.no_grad()` unless the reward is differentiable and grad is on), and checks the output. A
 non-finite reward is an error, never a silent training signal, so it raises naming the reward.
 Rewards see only images and conditions, never the policy that produced them.
+
+Checks that read values (finite outputs, condition ids in range) go through `check`: on an accelerator each
+such read is a host sync, so inside `deferred_checks()` they are recorded instead and raised later with one
+sync for all (`raise_failed`); the env reads its rewards' checks once per episode this way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+
+#: a check recorded inside `deferred_checks()`: (ok, message) with `ok` a 0-d bool tensor and `message()`
+#: the error text (called only when `ok` is False, so it may read values)
+Check = tuple[torch.Tensor, Callable[[], str]]
+_DEFERRED: ContextVar[list[Check] | None] = ContextVar("rewards_deferred_checks", default=None)
+
+
+@contextmanager
+def deferred_checks() -> Iterator[list[Check]]:
+    """`with deferred_checks() as checks:` rewards called inside record their value checks in `checks` instead
+    of raising at once (no host sync); `raise_failed(checks)` raises the first failure later."""
+    checks: list[Check] = []
+    token = _DEFERRED.set(checks)
+    try:
+        yield checks
+    finally:
+        _DEFERRED.reset(token)
+
+
+def check(ok: torch.Tensor, message: Callable[[], str]) -> None:
+    """Raise `ValueError(message())` unless `ok` (a 0-d bool tensor); inside `deferred_checks()`, record it."""
+    pending = _DEFERRED.get()
+    if pending is not None:
+        pending.append((ok, message))
+    elif not bool(ok):
+        raise ValueError(message())
+
+
+def raise_failed(checks: list[Check]) -> None:
+    """Raise `ValueError` for the first failed check of `checks`, reading all of them with one host sync."""
+    if checks and not bool(torch.stack([ok.to(checks[0][0].device) for ok, _ in checks]).all()):
+        for ok, message in checks:
+            if not bool(ok):
+                raise ValueError(message())
 
 
 class Reward(nn.Module):
@@ -78,21 +119,32 @@ class Reward(nn.Module):
             )
         return images, conditions.to(device=images.device, dtype=torch.long)
 
+    def check_condition_ids(self, conditions: torch.Tensor, n: int, what: str) -> torch.Tensor:
+        """Conditions must be `what` (e.g. "class ids") in 0..n−1 (`check`); returns them clamped into that
+        range, so that under a deferred check an out-of-range id never indexes a table before it raises."""
+        if conditions.numel():
+            check(((conditions >= 0) & (conditions < n)).all(), lambda: (
+                f"reward {self.name!r}: conditions must be {what} in 0..{n - 1}, "
+                f"got values in {int(conditions.min())}..{int(conditions.max())}"))
+        return conditions.clamp(0, n - 1)
+
     def check_output(self, value: Any, images: torch.Tensor) -> torch.Tensor:
-        """Coerce `value` to float32 [B] on the images' device; raise on a wrong shape or a non-finite value."""
+        """Coerce `value` to float32 [B] on the images' device; raise on a wrong shape or (`check`) a
+        non-finite value."""
         value = to_reward_tensor(value, name=self.name).to(device=images.device, dtype=torch.float32)
         batch = images.shape[0]
         if tuple(value.shape) != (batch,):
             raise ValueError(
                 f"reward {self.name!r} returned shape {tuple(value.shape)}, expected [B] = ({batch},)"
             )
-        finite = torch.isfinite(value.detach())
-        if not bool(finite.all()):
-            n_nan = int(torch.isnan(value.detach()).sum())
-            n_bad = int((~finite).sum())
-            kind = "NaN" if n_nan == n_bad else ("inf" if n_nan == 0 else "NaN/inf")
-            raise ValueError(f"reward {self.name!r} returned {kind} for {n_bad} of {batch} images")
+        detached = value.detach()
+        check(torch.isfinite(detached).all(), lambda: self._non_finite_message(detached))
         return value
+
+    def _non_finite_message(self, value: torch.Tensor) -> str:
+        n_nan, n_bad = int(torch.isnan(value).sum()), int((~torch.isfinite(value)).sum())
+        kind = "NaN" if n_nan == n_bad else ("inf" if n_nan == 0 else "NaN/inf")
+        return f"reward {self.name!r} returned {kind} for {n_bad} of {len(value)} images"
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, differentiable={self.differentiable}"

@@ -100,11 +100,7 @@ class ClassifierReward(Reward):
         return self.network(images.float()) / self.temperature
 
     def score(self, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        if conditions.numel() and not (0 <= int(conditions.min()) and int(conditions.max()) < NUM_CLASSES):
-            raise ValueError(
-                f"reward {self.name!r}: conditions must be class ids in 0..{NUM_CLASSES - 1}, "
-                f"got values in {int(conditions.min())}..{int(conditions.max())}"
-            )
+        conditions = self.check_condition_ids(conditions, NUM_CLASSES, "class ids")
         logits = self.logits(images)  # [B, 10]
         if self.mode == "correct":
             return (logits.argmax(dim=1) == conditions).float()

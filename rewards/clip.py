@@ -167,10 +167,7 @@ class CLIPSimilarityReward(Reward):
         self.register_buffer("text", self.encoder.text_embeds(self.prompts))  # [N, D]
 
     def score(self, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        n = len(self.prompts)
-        if conditions.numel() and not (0 <= int(conditions.min()) and int(conditions.max()) < n):
-            raise ValueError(f"reward {self.name!r}: conditions must be prompt ids in 0..{n - 1}, got values in "
-                             f"{int(conditions.min())}..{int(conditions.max())}")
+        conditions = self.check_condition_ids(conditions, len(self.prompts), "prompt ids")
         return self.scale * (self.encoder.image_embeds(images) * self.text[conditions]).sum(-1)
 
     def extra_repr(self) -> str:

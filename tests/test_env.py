@@ -298,7 +298,11 @@ def test_bad_actions_and_step_before_reset():
     bad = torch.zeros(2, 1, 8, 8)
     bad[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or inf \(sub-envs \[1\]\)"):
-        env.step(bad)
+        env.step(bad.numpy())  # host memory: checked at once, before the state changes
+    with pytest.raises(ValueError, match=r"NaN or inf \(sub-envs \[1\]\).*\(first at step 1;"):
+        env.step(torch.zeros(2, 1, 8, 8))
+        for _ in range(env.episode_length - 1):  # a tensor is checked without a host sync, at the episode's end
+            env.step(bad)
     with pytest.raises(TypeError, match="floating point"):
         env.step(torch.zeros(2, 1, 8, 8, dtype=torch.long))
     single = gym.make("DiffusionSteer-v0", num_steps=2)
