@@ -42,7 +42,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from agents.compare import Comparison, load_tasks
+    from agents.benchmark.compare import Comparison, load_tasks
 
     tasks = load_tasks(a.config, quick=a.quick, names=a.tasks)
     start = time.perf_counter()

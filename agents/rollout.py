@@ -50,7 +50,7 @@ def collect_rollout(policy: DiffusionPolicy, env, generator: torch.Generator) ->
             "log_probs": torch.stack(log_probs, 1),
             "stds": torch.stack(stds, 1),
             "conditions": c,
-            "group_ids": env._group.clone(),
+            "group_ids": env.group_ids.clone(),
             "final_images": info["final_images"],
             "rewards": reward,
         },

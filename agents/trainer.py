@@ -262,9 +262,9 @@ class Trainer:
                 "result": result}
 
     def probe(self) -> dict[str, float]:
-        """Reward, and where the model's task has them (`agents.evaluation.task_metrics`: digits, shapes) the held-out
-        judge and diversity, on the fixed probe set."""
-        from agents.evaluation import task_metrics
+        """Reward, and where the model's task has them (`agents.benchmark.evaluation.task_metrics`: digits, shapes)
+        the held-out judge and diversity, on the fixed probe set."""
+        from agents.benchmark.evaluation import task_metrics
 
         result = self.evaluate(self.cfg.probe_images, seed=999)["result"]
         row = {"probe_reward": result.rewards.mean().item()}

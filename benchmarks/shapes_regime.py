@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from agents.evaluation import shapes_metrics
+from agents.benchmark.evaluation import shapes_metrics
 from diffenv.models import load_backend
 from diffenv.sampling import generate
 

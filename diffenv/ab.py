@@ -25,11 +25,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import rewards
+from diffenv.config import EnvConfig
+from diffenv.models.lora import convert_lora_to_diffusers, is_trainer_lora
+from diffenv.validation import flag_type, number_type
+
+#: the one-line summary `diffenv ab --help` shows
+DESCRIPTION = __doc__.split("\n\n")[0]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffenv.config import EnvConfig
-    from diffenv.validation import flag_type, number_type
-
     p.add_argument("--model", required=True,
                    help="sd:PATH, sdxl:PATH, sd3:PATH or flux:PATH (folder or hub id), or shapes (the embedded "
                         "StableDiffusionPipeline)")
@@ -42,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-steps", type=number_type(int, ge=1), default=20, help="sampler steps on both sides")
     p.add_argument("--guidance-scale", type=number_type(float, ge=1), default=5.0,
                    help="CFG weight of the base side (LoRA side: 1)")
-    import rewards
-
     p.add_argument("--reward", action="append", default=[],
                    help="reward to report, NAME or NAME:PATH (e.g. clip_score:/models/clip); repeatable. NAME: "
                         + " | ".join(rewards.names()))
@@ -56,26 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/ab/grid.png", help="PNG grid: rows (prompt, seed), columns base | LoRA")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `ab` on the `diffenv` command's subparsers."""
-    from diffenv.cli import add_parser as add_subcommand
-
-    p = add_subcommand(subparsers, "ab", help="A/B: base pipeline with CFG vs guidance-free LoRA, same prompts and seeds",
-                       description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    p.set_defaults(func=cmd_ab)
-    return p
-
-
 def make_reward(spec: str, prompts: list[str], device):
     """`NAME` or `NAME:PATH`; rewards whose factory takes `prompts` get the prompt list."""
-    import rewards
-    from rewards.registry import _REGISTRY
-
     name, _, path = spec.partition(":")
-    if name not in _REGISTRY:
-        return rewards.make(name)  # raises the registry's error with suggestions
-    params = inspect.signature(_REGISTRY[name]).parameters
+    params = inspect.signature(rewards.factory(name)).parameters  # an unknown name: the registry's error
     kwargs = {"path": path} if path else {}
     if "prompts" in params:
         kwargs["prompts"] = prompts
@@ -83,19 +70,13 @@ def make_reward(spec: str, prompts: list[str], device):
 
 
 def _load_lora(pipe, lora: str) -> None:
-    from diffenv.models.lora import _META_KEY, convert_lora_to_diffusers
-
     path = Path(lora)
     if path.is_dir():
         pipe.load_lora_weights(str(path))
         return
     if not path.is_file():
         raise FileNotFoundError(f"--lora {lora}: no such file or folder")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        ours = _META_KEY in (f.metadata() or {})
-    if not ours:  # already diffusers' format
+    if not is_trainer_lora(path):  # already diffusers' format
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,16 +145,3 @@ def cmd_ab(a: argparse.Namespace) -> int:
         print(f"{label:<22}{nfe:>10d}{wall / n:>10.3f}" + "".join(f"{s:>22.4f}" for s in scores))
     print(f"wrote {out} (rows: prompt x seed; columns: base+CFG | LoRA)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m diffenv.ab ...`); `diffenv ab` is the same command."""
-    from diffenv import cli
-
-    return cli.main(["ab", *(argv or [])]) if argv is not None else cli.main(None)
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

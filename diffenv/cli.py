@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffenv import ab
 from diffenv.config import EnvConfig
 from diffenv.validation import flag_type, number_type
 
@@ -203,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--judge", default=None, help="also report accuracy by this classifier (e.g. digit_judge)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
-    from diffenv import ab
-
-    ab.add_parser(sub)
+    p = add_parser(sub, "ab", help="A/B: base pipeline with CFG vs guidance-free LoRA, same prompts and seeds",
+                   description=ab.DESCRIPTION)
+    ab.add_arguments(p)
+    p.set_defaults(func=ab.cmd_ab)
     return parser
 
 

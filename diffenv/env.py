@@ -141,7 +141,7 @@ class DiffusionSteerEnv(gym.Env):
         return self._obs(obs), self._info(info)
 
     def step(self, action):
-        if not self.vector_env._started:
+        if not self.vector_env.started:
             raise RuntimeError("step() called before reset(); call env.reset() first")
         if self.vector_env.step_index[0] >= self.vector_env.episode_length:
             raise RuntimeError("step() called on a terminated episode; call env.reset() first")

@@ -108,8 +108,13 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self._last_dense = torch.zeros(n, device=dev)  # R(x̂0) at the current latents (dense reward)
         self._started = False
         self._lockstep: int | None = None  # the step index all sub-envs share, known on the host; None: may differ
-        self._group = torch.arange(n, device=dev) // cfg.group_size  # [N] group id of each sub-env
+        self.group_ids = torch.arange(n, device=dev) // cfg.group_size  # [N] group id of each sub-env
         self._checks = EpisodeChecks(n, shape, dev)
+
+    @property
+    def started(self) -> bool:
+        """Whether the first (full) reset has happened: `step` and partial resets need one."""
+        return self._started
 
     # ------------------------------------------------------------------ reset
     @torch.no_grad()  # the env is a simulator: policies compute their own gradients

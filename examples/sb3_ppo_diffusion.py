@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stable_baselines3 import PPO
 
-from agents.sb3 import DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, evaluate
+from agents.integrations.sb3 import DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, evaluate
 
 
 def parse_args(argv=None) -> argparse.Namespace:

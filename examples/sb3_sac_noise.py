@@ -25,7 +25,7 @@ import time
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import VecMonitor
 
-from agents.sb3 import DiffusionSteerSB3VecEnv, evaluate, latent_policy_kwargs
+from agents.integrations.sb3 import DiffusionSteerSB3VecEnv, evaluate, latent_policy_kwargs
 
 REGIMES = {"initial_noise": ("digits-eps", 1), "noise": ("digits-flow", 3)}
 

@@ -21,7 +21,7 @@ from torchrl.collectors import Collector
 from torchrl.objectives import ClipPPOLoss
 
 from agents.policy import DiffusionPolicy
-from agents.torchrl import DiffusionSteerTorchRLEnv, evaluate, make_diffusion_actor, terminal_group_advantage
+from agents.integrations.torchrl import DiffusionSteerTorchRLEnv, evaluate, make_diffusion_actor, terminal_group_advantage
 
 
 def parse_args(argv=None) -> argparse.Namespace:

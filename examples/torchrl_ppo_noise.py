@@ -21,7 +21,7 @@ from torchrl.envs.utils import ExplorationType
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from agents.torchrl import DiffusionSteerTorchRLEnv, evaluate, make_noise_actor_critic
+from agents.integrations.torchrl import DiffusionSteerTorchRLEnv, evaluate, make_noise_actor_critic
 
 
 def parse_args(argv=None) -> argparse.Namespace:

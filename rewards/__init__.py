@@ -14,10 +14,10 @@ Importing this package registers the built-in rewards; it does not import `diffe
 """
 
 from rewards.base import CallableReward, Reward
-from rewards.registry import as_reward, make, names, register
+from rewards.registry import factory, make, names, register
 
 # imported for their @register side effects, after the registry exists
 from rewards import classifier, clip, jpeg, ratings, shapes  # noqa: E402,F401  isort:skip
-from rewards.combine import WeightedSum  # noqa: E402  isort:skip
+from rewards.combine import WeightedSum, as_reward  # noqa: E402  isort:skip
 
-__all__ = ["Reward", "CallableReward", "WeightedSum", "make", "register", "names", "as_reward"]
+__all__ = ["Reward", "CallableReward", "WeightedSum", "make", "register", "names", "factory", "as_reward"]

@@ -1,4 +1,5 @@
-"""Multi-objective rewards: a weighted sum `R = Σ_i w_i R_i` that keeps its parts inspectable."""
+"""Multi-objective rewards: a weighted sum `R = Σ_i w_i R_i` that keeps its parts inspectable, and `as_reward`,
+which turns any reward spec into a `Reward` (here because a weighted sum's parts are specs too)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewards.base import Reward
-from rewards.registry import as_reward, register
+from rewards.base import CallableReward, Reward
+from rewards.registry import make, names, register
 
 
 class WeightedSum(Reward):
@@ -124,3 +125,27 @@ def weighted_sum(weights: Mapping[Any, float], name: str = "weighted_sum", norma
     """E.g. `make("weighted_sum", weights={"digit_classifier": 1.0, "jpeg_compressibility": 0.1})`;
     `normalize=True` standardises each component by running statistics before weighting."""
     return WeightedSum(weights, name=name, normalize=normalize, momentum=momentum)
+
+
+def as_reward(spec: Any, device: str | torch.device = "cpu") -> Reward:
+    """Turn a spec into a `Reward` on `device`.
+
+    | spec | result |
+    |---|---|
+    | registered name (`str`) | `make(spec, device)` |
+    | `Reward` | the same object, moved to `device` in place |
+    | `{reward_or_name: weight}` | `WeightedSum(spec)` |
+    | other callable `fn(images, conditions)` | `CallableReward(fn)` (not differentiable) |
+    """
+    if isinstance(spec, str):
+        return make(spec, device=device)
+    if isinstance(spec, Reward):
+        return spec.to(device)
+    if isinstance(spec, Mapping):
+        return WeightedSum(spec).to(device)
+    if callable(spec):
+        return CallableReward(spec).to(device)
+    raise TypeError(
+        f"cannot make a reward from {type(spec).__name__}; expected a registered name (one of {names()}), "
+        f"a Reward, a {{name: weight}} dict or a callable fn(images, conditions)"
+    )

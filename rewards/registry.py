@@ -1,9 +1,10 @@
-"""Rewards by name: `register` a factory, `make` an instance, `as_reward` for anything reward-like."""
+"""Rewards by name: `register` a factory, `make` an instance, `factory` to inspect one (`rewards.as_reward`,
+in `rewards.combine`, turns anything reward-like into a `Reward`)."""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,40 +38,19 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make(name: str, device: str | torch.device = "cpu", **kwargs: Any) -> Reward:
-    """Build the reward registered as `name` with `kwargs` and move it to `device`."""
+def factory(name: str) -> Callable[..., Any]:
+    """The factory registered as `name` (e.g. to read its signature), or ValueError naming the known rewards."""
     if name not in _REGISTRY:
         raise ValueError(_unknown_name_message(name))
-    reward = _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def make(name: str, device: str | torch.device = "cpu", **kwargs: Any) -> Reward:
+    """Build the reward registered as `name` with `kwargs` and move it to `device`."""
+    reward = factory(name)(**kwargs)
     if not isinstance(reward, Reward):
         reward = CallableReward(reward, name=name)
     return reward.to(device)
-
-
-def as_reward(spec: Any, device: str | torch.device = "cpu") -> Reward:
-    """Turn a spec into a `Reward` on `device`.
-
-    | spec | result |
-    |---|---|
-    | registered name (`str`) | `make(spec, device)` |
-    | `Reward` | the same object, moved to `device` in place |
-    | `{reward_or_name: weight}` | `WeightedSum(spec)` |
-    | other callable `fn(images, conditions)` | `CallableReward(fn)` (not differentiable) |
-    """
-    if isinstance(spec, str):
-        return make(spec, device=device)
-    if isinstance(spec, Reward):
-        return spec.to(device)
-    if isinstance(spec, Mapping):
-        from rewards.combine import WeightedSum  # combine imports this module
-
-        return WeightedSum(spec).to(device)
-    if callable(spec):
-        return CallableReward(spec).to(device)
-    raise TypeError(
-        f"cannot make a reward from {type(spec).__name__}; expected a registered name (one of {names()}), "
-        f"a Reward, a {{name: weight}} dict or a callable fn(images, conditions)"
-    )
 
 
 def _unknown_name_message(name: str) -> str:

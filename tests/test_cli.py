@@ -117,7 +117,7 @@ def test_sample_lora_is_merged_before_sampling(tmp_path):
 
     from diffenv.cli import load_model
     from diffenv.models import load_backend
-    from diffenv.models.lora import _tuner_layers, add_lora, lora_parameters, save_lora
+    from diffenv.models.lora import lora_layers, add_lora, lora_parameters, save_lora
 
     base = load_backend("digits-flow")
     config = add_lora(base.denoiser, rank=2)
@@ -125,7 +125,7 @@ def test_sample_lora_is_merged_before_sampling(tmp_path):
         torch.nn.init.normal_(p, std=0.05)
     path = save_lora(base.denoiser, tmp_path / "lora.safetensors", config, extra={"model": "digits-flow"})
     tuned = load_model(argparse.Namespace(model="digits-flow", lora=str(path), device="cpu", prompts=None))
-    layers = _tuner_layers(tuned.denoiser)
+    layers = lora_layers(tuned.denoiser)
     assert layers and all(layer.merged for layer in layers)  # no adapter matmuls left at sampling time
     x, t, c = torch.randn(4, 1, 8, 8), torch.full((4,), 500.0), torch.arange(4)
     with torch.no_grad():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.compare import load_tasks, overoptimisation_flag
-from agents.evaluation import frechet_distance, gaussian_stats, image_metrics
+from agents.benchmark.compare import load_tasks, overoptimisation_flag
+from agents.benchmark.evaluation import frechet_distance, gaussian_stats, image_metrics
 
 ROOT = Path(__file__).parents[1]
 #: the digits tasks of examples/compare.toml (the shapes task's 20-step RL runs are too slow for a smoke run)
@@ -92,7 +92,7 @@ def test_bad_compare_configs(tmp_path):
 
 @pytest.mark.parametrize("name", ["../../../x", "/tmp/x", "a/b", "..", ""])
 def test_task_names_cannot_leave_the_output_folder(tmp_path, name):
-    from agents.compare import Comparison, Task
+    from agents.benchmark.compare import Comparison, Task
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[[task]]\nname = "{name}"\nalgos = ["grpo"]\n')
@@ -138,7 +138,7 @@ def malicious_sb3_zip(path: Path, marker: Path) -> Path:
 
 
 def sb3_task(budgets):
-    from agents.compare import Task
+    from agents.benchmark.compare import Task
 
     return Task(name="t", model="digits-flow", num_steps=3, algos=["sb3_ppo"], budgets=budgets, seeds=[0],
                 algo_overrides={"sb3_ppo": dict(num_envs=4, batch_size=12, n_epochs=1, chunk_images=4, lora_rank=2)})
@@ -155,7 +155,7 @@ def test_the_malicious_zip_runs_code_under_ppo_load(tmp_path):
 
 
 def test_compare_never_unpickles_a_run_folders_ppo_zip(tmp_path):
-    from agents.compare import SB3_STATE, Comparison
+    from agents.benchmark.compare import SB3_STATE, Comparison
 
     task, marker = sb3_task([4]), tmp_path / "marker"
     cmp = Comparison([task], tmp_path / "out", progress=False)
@@ -191,7 +191,7 @@ def test_task_selection_and_the_shapes_task_config():
 def test_shapes_metrics_on_rendered_images():
     """The shapes protocol on rendered images: the judge finds them correct, per kind and split, and the
     within-prompt distance is 0 for copies and positive for different layouts."""
-    from agents.evaluation import shapes_metrics, task_protocol
+    from agents.benchmark.evaluation import shapes_metrics, task_protocol
     from rewards import shapes_task as task
 
     prompts = task.model_prompts()

@@ -228,7 +228,7 @@ def test_policy_log_prob_grpo_update_and_diffusers_lora_round_trip(folders, fami
 
 
 def test_ab_command_writes_grid_and_reports(folders, tmp_path, capsys):
-    from diffenv import ab
+    from agents.cli import main
     from diffenv.models.lora import add_lora, save_lora
 
     backend = make_backend(folders, "sd")
@@ -237,7 +237,7 @@ def test_ab_command_writes_grid_and_reports(folders, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
     grid = tmp_path / "ab.png"
-    rc = ab.main(["--model", f"sd:{folders['sd']}", "--lora", str(tmp_path / "lora"), "--prompts", str(prompts),
+    rc = main(["ab", "--model", f"sd:{folders['sd']}", "--lora", str(tmp_path / "lora"), "--prompts", str(prompts),
                   "--seeds", "0", "1", "--num-steps", "2", "--guidance-scale", "3", "--height", "64",
                   "--width", "64", "--reward", "jpeg_compressibility", "--out", str(grid)])
     text = capsys.readouterr().out
@@ -246,11 +246,11 @@ def test_ab_command_writes_grid_and_reports(folders, tmp_path, capsys):
 
     # a trainer's own LoRA file (save_lora format) is converted on the fly
     save_lora(backend.denoiser, tmp_path / "lora.safetensors", config)
-    rc = ab.main(["--model", f"sd:{folders['sd']}", "--lora", str(tmp_path / "lora.safetensors"),
+    rc = main(["ab", "--model", f"sd:{folders['sd']}", "--lora", str(tmp_path / "lora.safetensors"),
                   "--prompts", str(prompts), "--seeds", "0", "--num-steps", "1", "--height", "64", "--width", "64",
                   "--out", str(tmp_path / "ab2.png")])
     assert rc == 0 and (tmp_path / "ab2.png").is_file()
-    assert ab.main(["--model", f"sd:{folders['sd']}", "--lora", str(tmp_path / "none"), "--prompts", str(prompts),
+    assert main(["ab", "--model", f"sd:{folders['sd']}", "--lora", str(tmp_path / "none"), "--prompts", str(prompts),
                     "--num-steps", "1", "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
 

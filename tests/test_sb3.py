@@ -1,4 +1,4 @@
-"""Stable-Baselines3 integration (agents/sb3.py): env checks, the VecEnv, PPO/SAC, the diffusion policy."""
+"""Stable-Baselines3 integration (agents/integrations/sb3.py): env checks, the VecEnv, PPO/SAC, the diffusion policy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.env_checker import check_env
 from stable_baselines3.common.vec_env import VecMonitor
 
-from agents.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, DiffusionStepDistribution,
+from agents.integrations.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, DiffusionStepDistribution,
                         latent_policy_kwargs, make_single_env)
 
 K = 3
@@ -124,7 +124,7 @@ def test_diffusion_policy_learns_saves_and_loads(tmp_path):
 
 
 def test_training_state_round_trip_is_weights_only(tmp_path):
-    from agents.sb3 import load_training_state, save_training_state
+    from agents.integrations.sb3 import load_training_state, save_training_state
 
     def make(lora_rank=2):
         venv = DiffusionSteerSB3VecEnv(4, action_mode="latent", seed=0, **ENV)

@@ -1,4 +1,4 @@
-"""TorchRL integration (agents/torchrl.py): env specs, the diffusion actor, ClipPPOLoss, Collector."""
+"""TorchRL integration (agents/integrations/torchrl.py): env specs, the diffusion actor, ClipPPOLoss, Collector."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torchrl.objectives.value import GAE
 
 from agents.advantages import group_advantages
 from agents.policy import DiffusionPolicy
-from agents.torchrl import (DiffusionSteerTorchRLEnv, DiffusionStepNormal, evaluate, make_diffusion_actor,
+from agents.integrations.torchrl import (DiffusionSteerTorchRLEnv, DiffusionStepNormal, evaluate, make_diffusion_actor,
                             make_noise_actor_critic, terminal_group_advantage)
 
 from numerics import centring_tolerance, group_means

@@ -24,14 +24,15 @@ ADAPTER = "default"
 _META_KEY = "diffusion_steer_lora"
 
 
-def _tuner_layers(model: nn.Module):
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The peft adapter layers injected into `model` (empty without a LoRA)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def has_lora(model: nn.Module) -> bool:
-    return bool(_tuner_layers(model))
+    return bool(lora_layers(model))
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
@@ -63,7 +64,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 @contextmanager
 def adapter_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base (reference) model: every LoRA layer bypassed inside the block."""
-    layers = _tuner_layers(model)
+    layers = lora_layers(model)
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -79,7 +80,7 @@ def merge_lora(model: nn.Module) -> int:
 
     After merging, the adapter must not be trained or saved again; returns the number of merged layers.
     """
-    layers = _tuner_layers(model)
+    layers = lora_layers(model)
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -126,6 +127,15 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if _META_KEY not in meta:
         raise ValueError(f"LoRA file {path} has no {_META_KEY!r} metadata; was it written by save_lora?")
     return tensors, json.loads(meta[_META_KEY])
+
+
+def is_trainer_lora(path: str | Path) -> bool:
+    """Whether a safetensors file is a LoRA written by `save_lora` (the trainer's `lora.safetensors`), not one in
+    diffusers' format."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return _META_KEY in (f.metadata() or {})
 
 
 def load_lora(model: nn.Module, path: str | Path) -> dict:

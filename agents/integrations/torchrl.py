@@ -28,7 +28,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
 
 from agents.advantages import group_advantages
-from agents.nets import LatentEncoder
+from agents.integrations.nets import LatentEncoder
 from agents.policy import DiffusionPolicy
 from diffenv.samplers import gaussian_log_prob
 from diffenv.vector_env import DiffusionSteerVectorEnv
@@ -106,7 +106,7 @@ class DiffusionSteerTorchRLEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDict:
         mask = None
-        if tensordict is not None and "_reset" in tensordict.keys() and self.vector_env._started:
+        if tensordict is not None and "_reset" in tensordict.keys() and self.vector_env.started:
             mask = tensordict.get("_reset").reshape(self.batch_size).to(self.device, torch.bool)
         obs, _ = self.vector_env.reset(options={"reset_mask": mask} if mask is not None else None)
         done = self.vector_env.step_index >= self.episode_length  # False on the rows just reset

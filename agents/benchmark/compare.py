@@ -1,7 +1,7 @@
 """`diffenv compare`: the RL-vs-CFG benchmark (docs/design.md §6), configured by a TOML file, resumable.
 
 For each task (model × reward × steps) it evaluates, with one protocol, the same eval seeds and
-balanced conditions (`agents.evaluation`):
+balanced conditions (`agents.benchmark.evaluation`):
 - baselines on the base model: a CFG sweep over guidance scales and best-of-N (N candidates at
   guidance 1, the best by the reward: N·K NFE, NFE-matched to CFG at N = 2);
 - each diffusion-RL algorithm, trained for each budget of *images generated* × seeds (snapshots
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from agents.algos import ALGORITHMS, make_algorithm_config
-from agents.compare_report import read_log, write_outputs
+from agents.benchmark.evaluation import entry_metrics, eval_best_of_n, eval_model
+from agents.benchmark.report import read_log, write_outputs
 from agents.trainer import check_budget
 from diffenv.paths import safe_name
 from diffenv.validation import SEED, bounds, validate_fields
@@ -33,7 +33,7 @@ from diffenv.validation import SEED, bounds, validate_fields
 #: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
 GENERIC_LEARNERS = ("sb3_ppo",)
 SB3_PPO_DEFAULTS = dict(num_envs=32, n_epochs=2, batch_size=48, lr=1e-3, lora_rank=8, chunk_images=256)
-SB3_STATE = "sb3_ppo.safetensors"  # the SB3 run's weights-only training state (agents.sb3.save_training_state)
+SB3_STATE = "sb3_ppo.safetensors"  # the SB3 run's weights-only training state (agents.integrations.sb3.save_training_state)
 QUICK = dict(eval_images=100, budgets=[64], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)
 
 
@@ -117,47 +117,6 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
     return tasks
 
 
-# ---------------------------------------------------------------------- evaluation of one entry
-def _metrics(result, task: Task) -> dict[str, float]:
-    from agents.evaluation import task_metrics
-
-    row = {"reward_mean": result.rewards.mean().item(), "nfe_per_image": result.nfe_per_image,
-           "ms_per_image": 1e3 * result.seconds_per_image}
-    metrics = task_metrics(task.model)
-    if metrics is not None:
-        row.update(metrics(result.images, result.conditions))
-    return row
-
-
-def eval_model(task: Task, model, guidance_scale: float = 1.0):
-    from diffenv.sampling import generate
-
-    return generate(task.eval_images, seed=task.eval_seed, model=model, reward=task.reward, warmup=True,
-                    num_steps=task.num_steps, sampler=task.sampler, guidance_scale=guidance_scale,
-                    condition_set=task.eval_conditions)
-
-
-def eval_best_of_n(task: Task, n_candidates: int):
-    """N candidates per image at guidance 1 (distinct seeds, same condition); keep the best by reward."""
-    from diffenv.sampling import GenerationResult, balanced_conditions, generate
-
-    from diffenv import DiffusionSteerVectorEnv
-
-    env = DiffusionSteerVectorEnv(num_envs=min(250, task.eval_images), model=task.model, reward=task.reward,
-                                  num_steps=task.num_steps, sampler=task.sampler, conditions=task.eval_conditions)
-    cond = balanced_conditions(task.eval_images, env.condition_set.tolist())  # as every other entry
-    generate(min(250, task.eval_images), env=env, seed=task.eval_seed)  # warm-up, untimed
-    start = time.perf_counter()
-    runs = [generate(task.eval_images, env=env, seed=task.eval_seed + 10_000 * (j + 1), conditions=cond)
-            for j in range(n_candidates)]
-    rewards = torch.stack([r.rewards for r in runs])  # [N, n]
-    best = rewards.argmax(0)
-    images = torch.stack([r.images for r in runs])[best, torch.arange(task.eval_images)]
-    return GenerationResult(images=images, conditions=cond, rewards=rewards.max(0).values,
-                            nfe_per_image=sum(r.nfe_per_image for r in runs),
-                            wall_time_s=time.perf_counter() - start)
-
-
 # ---------------------------------------------------------------------- the runner
 class Comparison:
     def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True):
@@ -183,10 +142,10 @@ class Comparison:
     def baseline_rows(self, task: Task) -> list[dict]:
         rows = []
         for w in task.cfg_scales:
-            row = self._cached(f"{task.name}/cfg_{w:g}", lambda: _metrics(eval_model(task, task.model, w), task))
+            row = self._cached(f"{task.name}/cfg_{w:g}", lambda: entry_metrics(eval_model(task, task.model, w), task))
             rows.append({"task": task.name, "entry": f"cfg w={w:g}", "kind": "cfg", "guidance_scale": w, **row})
         for n in task.best_of_n:
-            row = self._cached(f"{task.name}/bon_{n}", lambda: _metrics(eval_best_of_n(task, n), task))
+            row = self._cached(f"{task.name}/bon_{n}", lambda: entry_metrics(eval_best_of_n(task, n), task))
             rows.append({"task": task.name, "entry": f"best-of-{n}", "kind": "best_of_n", "guidance_scale": 1.0,
                          "best_of_n": n, **row})
         return rows
@@ -221,7 +180,7 @@ class Comparison:
         """
         from stable_baselines3 import PPO
 
-        from agents.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, load_training_state,
+        from agents.integrations.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, load_training_state,
                                 save_training_state)
 
         opts = {**SB3_PPO_DEFAULTS, **task.algo_overrides.get("sb3_ppo", {})}
@@ -277,7 +236,7 @@ class Comparison:
                     def compute():
                         # merged: the deployment cost, no adapter matmuls at sampling time
                         backend = load_tuned_backend(task.model, run / f"lora_{budget}.safetensors")
-                        return _metrics(eval_model(task, backend, 1.0), task)
+                        return entry_metrics(eval_model(task, backend, 1.0), task)
 
                     row = self._cached(f"{task.name}/{algo}/s{seed}/b{budget}", compute)
                     seen = [r for r in train_log if float(r["images_seen"]) <= budget]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.evaluation import DIGITS, SHAPES, TaskProtocol, task_protocol
+from agents.benchmark.evaluation import DIGITS, SHAPES, TaskProtocol, eval_model, task_protocol
 
 #: every metric a row may carry: the generic ones, then each task protocol's columns
 METRICS = list(dict.fromkeys(["reward_mean", "nfe_per_image", "ms_per_image",
@@ -182,7 +182,6 @@ def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
 def plot_grids(agg: list[dict], tasks, out: Path) -> None:
     """CFG at its best guidance vs each RL model at guidance 1 (largest budget, first seed), the same 20 eval images'
     noise and conditions in every row; text-to-image tasks print each column's prompt under the last row."""
-    from agents.compare import eval_model
     from diffenv.models import load_backend
     from diffenv.models.lora import load_lora
     from diffenv.viz import image_grid

@@ -32,7 +32,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from agents.policy import DiffusionPolicy
-from agents.nets import LatentEncoder
+from agents.integrations.nets import LatentEncoder
 from diffenv.env import DiffusionSteerEnv
 from diffenv.samplers import gaussian_log_prob
 from diffenv.vector_env import DiffusionSteerVectorEnv

@@ -8,10 +8,15 @@ For a set of generated images with their conditions:
   judge's penultimate activations (96-d) — against all 1,797 scikit-learn digits;
 - `class_variance`: mean over classes of the per-pixel variance within the class (diversity);
 - `nfe_per_image`, `seconds_per_image` from the sampler.
+
+A task protocol (`TaskProtocol`, chosen by `task_protocol(model_name)`: digits, shapes) names a task's metrics and
+how the report ranks and draws them; `eval_model`, `eval_best_of_n` and `entry_metrics` evaluate one comparison
+entry on a task's eval set.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +24,8 @@ from functools import lru_cache
 import torch
 
 import rewards
+from diffenv import DiffusionSteerVectorEnv
+from diffenv.sampling import GenerationResult, balanced_conditions, generate
 
 
 @lru_cache(maxsize=1)
@@ -175,3 +182,39 @@ def task_metrics(model_name: str):
     """The image metrics of a model's task (`fn(images, conditions) -> dict`), or None for a model without one."""
     protocol = task_protocol(model_name)
     return protocol.metrics if protocol is not None else None
+
+
+# ---------------------------------------------------------------------- evaluation of one entry
+def entry_metrics(result, task) -> dict[str, float]:
+    """A comparison entry's row: reward, cost and the task's metrics (`task_metrics`) of a `GenerationResult`."""
+    row = {"reward_mean": result.rewards.mean().item(), "nfe_per_image": result.nfe_per_image,
+           "ms_per_image": 1e3 * result.seconds_per_image}
+    metrics = task_metrics(task.model)
+    if metrics is not None:
+        row.update(metrics(result.images, result.conditions))
+    return row
+
+
+def eval_model(task, model, guidance_scale: float = 1.0):
+    """The task's eval set (`agents.benchmark.compare.Task`: eval_images, eval_seed, eval_conditions, reward,
+    num_steps, sampler) sampled from `model` (a name or a backend) at `guidance_scale`."""
+    return generate(task.eval_images, seed=task.eval_seed, model=model, reward=task.reward, warmup=True,
+                    num_steps=task.num_steps, sampler=task.sampler, guidance_scale=guidance_scale,
+                    condition_set=task.eval_conditions)
+
+
+def eval_best_of_n(task, n_candidates: int):
+    """N candidates per image at guidance 1 (distinct seeds, same condition); keep the best by reward."""
+    env = DiffusionSteerVectorEnv(num_envs=min(250, task.eval_images), model=task.model, reward=task.reward,
+                                  num_steps=task.num_steps, sampler=task.sampler, conditions=task.eval_conditions)
+    cond = balanced_conditions(task.eval_images, env.condition_set.tolist())  # as every other entry
+    generate(min(250, task.eval_images), env=env, seed=task.eval_seed)  # warm-up, untimed
+    start = time.perf_counter()
+    runs = [generate(task.eval_images, env=env, seed=task.eval_seed + 10_000 * (j + 1), conditions=cond)
+            for j in range(n_candidates)]
+    scores = torch.stack([r.rewards for r in runs])  # [N, n]
+    best = scores.argmax(0)
+    images = torch.stack([r.images for r in runs])[best, torch.arange(task.eval_images)]
+    return GenerationResult(images=images, conditions=cond, rewards=scores.max(0).values,
+                            nfe_per_image=sum(r.nfe_per_image for r in runs),
+                            wall_time_s=time.perf_counter() - start)
