@@ -39,23 +39,31 @@ class TrainConfig:
     (`diffenv.validation`); `validate` checks them, the algorithm's options and the budget."""
 
     algo: str = "grpo"
+    """algorithm (agents/algos/NAME.py)"""
     model: str = "digits-eps"
+    """the base model: a registered name or 'sd:PATH'-style diffusers spec"""
     reward: Any = "digit_classifier"
+    """a reward name or a {name: weight} table"""
     images: int = field(default=20000, metadata=bounds(ge=1))
     """budget: images generated for training (all ranks together), a multiple of images_per_epoch"""
     out: str = "runs/run"
+    """run folder (checkpoint, LoRA, log.csv, grids)"""
     seed: int = field(default=0, metadata=SEED)
+    """seed of the LoRA init, rollouts and shuffling"""
     num_steps: int | None = field(default=None, metadata=bounds(ge=1))
-    """sampler steps per image (None: the model's default, 10 for digits, 20 for shapes)"""
+    """sampler steps per image (default: the model's, 10 for digits, 20 for shapes)"""
     guidance_scale: float = field(default=1.0, metadata=bounds(ge=0))
     """CFG weight while training (1.0: the guidance-free model RL is meant to produce)"""
     lora_rank: int = field(default=8, metadata=bounds(ge=1))
+    """LoRA rank r (alpha = r)"""
     device: str = field(default="cpu", metadata=DEVICE)
+    """torch device: cpu, cuda, cuda:N, mps"""
     grid_every: int = field(default=10, metadata=bounds(ge=0))
     """save an image grid every N epochs (0: never)"""
     eval_images: int = field(default=0, metadata=bounds(ge=0))
     """images for the before/after evaluation with the model's default sampler (0: skip)"""
     progress: bool = True
+    """progress bar"""
     model_kwargs: dict = field(default_factory=dict)
     """backend options, e.g. {"prompts": "prompts.txt"} for "sd:PATH" models"""
     probe_every: int = field(default=0, metadata=bounds(ge=0))
@@ -66,7 +74,7 @@ class TrainConfig:
     """algorithm config fields, e.g. {"lr": 1e-4, "group_size": 4}"""
     conditions: list[int | str] | None = None
     """condition ids or split names to train on (each group's condition drawn uniformly from them;
-    evaluation and probes balanced over them); None: all"""
+    evaluation and probes balanced over them) (default: the model's default set)"""
 
     def validate(self) -> None:
         if self.algo not in ALGORITHMS:

@@ -20,43 +20,52 @@ import argparse
 import inspect
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 import rewards
-from diffenv.config import EnvConfig
 from diffenv.models.lora import convert_lora_to_diffusers, is_trainer_lora
-from diffenv.validation import flag_type, number_type
+from diffenv.validation import DEVICE, SEED, bounds
 
 #: the one-line summary `diffenv ab --help` shows
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="sd:PATH, sdxl:PATH, sd3:PATH or flux:PATH (folder or hub id), or shapes (the embedded "
-                        "StableDiffusionPipeline)")
-    p.add_argument("--lora", required=True, help="diffusers LoRA folder/file, or a trainer lora.safetensors")
-    p.add_argument("--prompts", default=None,
-                   help="text file, one prompt per line (required, except for --model shapes: default 10 of its "
-                        "eval prompts, every kind, training and held-out compositions)")
-    p.add_argument("--seeds", type=flag_type(EnvConfig, "seed"), nargs="+", default=[0],
-                   help="one image per prompt and seed")
-    p.add_argument("--num-steps", type=number_type(int, ge=1), default=20, help="sampler steps on both sides")
-    p.add_argument("--guidance-scale", type=number_type(float, ge=1), default=5.0,
-                   help="CFG weight of the base side (LoRA side: 1)")
-    p.add_argument("--reward", action="append", default=[],
-                   help="reward to report, NAME or NAME:PATH (e.g. clip_score:/models/clip); repeatable. NAME: "
-                        + " | ".join(rewards.names()))
-    p.add_argument("--height", type=number_type(int, ge=1), default=None, help="image height (default: the pipeline's)")
-    p.add_argument("--width", type=number_type(int, ge=1), default=None, help="image width (default: the pipeline's)")
-    p.add_argument("--negative-prompt", default=None, help="the base side's negative prompt (default: none)")
-    p.add_argument("--torch-dtype", default=None, choices=["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"],
-                   help="weights' dtype (default: float32)")
-    p.add_argument("--device", type=flag_type(EnvConfig, "device"), default="cpu", help="torch device")
-    p.add_argument("--out", default="runs/ab/grid.png", help="PNG grid: rows (prompt, seed), columns base | LoRA")
+@dataclass
+class ABOptions:
+    """`diffenv ab`'s options: `agents.cli` makes a flag of each field (type, range and help from here)."""
+
+    model: str
+    """sd:PATH, sdxl:PATH, sd3:PATH or flux:PATH (folder or hub id), or shapes (the embedded StableDiffusionPipeline)"""
+    lora: str
+    """diffusers LoRA folder/file, or a trainer lora.safetensors"""
+    prompts: str | None = None
+    """text file, one prompt per line (required, except for --model shapes: default 10 of its eval prompts, every
+    kind, training and held-out compositions)"""
+    seeds: list[int] = field(default_factory=lambda: [0], metadata=SEED)
+    """one image per prompt and seed"""
+    num_steps: int = field(default=20, metadata=bounds(ge=1))
+    """sampler steps on both sides"""
+    guidance_scale: float = field(default=5.0, metadata=bounds(ge=1))
+    """CFG weight of the base side (LoRA side: 1)"""
+    reward: list[str] = field(default_factory=list)
+    """reward to report, NAME or NAME:PATH (e.g. clip_score:/models/clip); repeatable"""
+    height: int | None = field(default=None, metadata=bounds(ge=1))
+    """image height (default: the pipeline's)"""
+    width: int | None = field(default=None, metadata=bounds(ge=1))
+    """image width (default: the pipeline's)"""
+    negative_prompt: str | None = None
+    """the base side's negative prompt (default: none)"""
+    torch_dtype: Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] | None = None
+    """weights' dtype (default: float32)"""
+    device: str = field(default="cpu", metadata=DEVICE)
+    """torch device"""
+    out: str = "runs/ab/grid.png"
+    """PNG grid: rows (prompt, seed), columns base | LoRA"""
 
 
 def make_reward(spec: str, prompts: list[str], device):

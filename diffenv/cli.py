@@ -1,8 +1,9 @@
-"""The `diffenv` command line: `diffenv sample ...` (and the subcommands later issues add).
+"""The `diffenv sample` command and what the `diffenv` command needs from the env side.
 
-Every flag that sets a config field takes its type and range from that field (`diffenv.validation`), so
-the command line and the Python API reject the same values with the same words. `run` is the one place
-errors reach the user: a user error prints one line and exits 2, never a traceback.
+The parser itself is built in one place, `agents.cli`, from config dataclasses and their field docs: the env's
+(`diffenv.config.EnvConfig`) and the command options below (`CommonOptions`, `ModelOptions`, `SampleOptions`;
+`diffenv.ab.ABOptions`), so a flag's type, range and help are written once, next to its field, and the command
+line and the Python API reject the same values with the same words (`diffenv.validation`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from diffenv import ab
-from diffenv.config import EnvConfig
-from diffenv.validation import flag_type, number_type
+from diffenv.validation import bounds
 
 #: third-party log lines the CLI drops: (logger, message pattern). Each is expected in this repo and
 #: gives the user nothing to act on; everything else those libraries log still shows.
@@ -56,24 +55,42 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default, unless the help already says what the default means
-    or there is none to show (required options, on/off flags, unset options)."""
+@dataclass
+class CommonOptions:
+    """Options of every subcommand."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default:" in text or action.required or action.default in (None, [], False):
-            return text
-        return super()._get_help_string(action)
+    threads: int | None = field(default=None, metadata=bounds(ge=1))
+    """torch CPU threads (torch.set_num_threads); default: torch's own, one per core. Set it when other jobs share
+    the CPU: oversubscribed threads made sampling 6x slower"""
 
 
-def add_parser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
-    """A subcommand with the shared help formatter and the `--threads` option."""
-    p = sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
-    p.add_argument("--threads", type=number_type(int, ge=1), default=None,
-                   help="torch CPU threads (torch.set_num_threads); default: torch's own, one per core. Set it "
-                        "when other jobs share the CPU: oversubscribed threads made sampling 6x slower")
-    return p
+@dataclass
+class ModelOptions:
+    """Backend options of the commands that load a model by name (`sample`, `train`)."""
+
+    prompts: str | None = None
+    """prompt file (one per line) for text-to-image models; '# split: NAME' lines name subsets for --conditions"""
+
+
+@dataclass
+class SampleOptions:
+    """`diffenv sample`'s options beyond the env's arguments."""
+
+    n: int = field(default=100, metadata=bounds(ge=1))
+    """number of images"""
+    batch_size: int = field(default=250, metadata=bounds(ge=1))
+    """images per batched episode"""
+    out: str | None = None
+    """npz file for images [N,C,H,W] in [0,1], conditions [N], rewards [N]"""
+    grid: str | None = None
+    """PNG grid of the first 100 images"""
+    lora: str | None = None
+    """LoRA adapter (a run's lora.safetensors), merged into the weights before sampling: the tuned model at the
+    base model's cost"""
+    judge: str | None = None
+    """also report accuracy by this classifier (e.g. digit_judge)"""
+    progress: bool = True
+    """progress bar"""
 
 
 def condition_token(text: str) -> int | str:
@@ -94,33 +111,6 @@ def reward_help() -> str:
     import rewards
 
     return "reward name: " + " | ".join(rewards.names()) + " | none"
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags naming the model, its prompts, the reward and the device (sample and train)."""
-    p.add_argument("--model", default="digits-eps", help=model_help())
-    p.add_argument("--prompts", default=None, help="prompt file (one per line) for text-to-image models; "
-                   "'# split: NAME' lines name subsets for --conditions")
-    p.add_argument("--reward", default="digit_classifier", help=reward_help())
-    p.add_argument("--device", type=flag_type(EnvConfig, "device"), default="cpu",
-                   help="torch device: cpu, cuda, cuda:N, mps")
-    p.add_argument("--conditions", type=condition_token, nargs="+", default=None, metavar="ID_OR_SPLIT",
-                   help="condition ids (digit classes, prompt indices) or split names the model declares "
-                        "(e.g. heldout). sample: images balanced over them (--conditions 3 7 --n 200: 100 of "
-                        "each); train: each group's condition drawn uniformly from them. default: all")
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that samples the model."""
-    add_model_args(p)
-    p.add_argument("--num-steps", type=flag_type(EnvConfig, "num_steps"), default=None,
-                   help="sampler steps per image (default: the model's: 10 for digits, 20 for shapes)")
-    p.add_argument("--sampler", default=None, help="ddim | ddpm | ode (ε-models); flow_sde | ode (flow models); "
-                   "default: the model's (ddim / flow_sde)")
-    p.add_argument("--eta", type=flag_type(EnvConfig, "eta"), default=1.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--guidance-scale", type=flag_type(EnvConfig, "guidance_scale"), default=1.0,
-                   help="CFG weight; 1 = no CFG (1 NFE/step), otherwise 2 NFE/step")
-    p.add_argument("--seed", type=flag_type(EnvConfig, "seed"), default=0, help="seed of x_T and the noise")
 
 
 def model_kwargs(a: argparse.Namespace) -> dict:
@@ -158,7 +148,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if getattr(a, "lora", None):  # the backend is built here, with its options
         kwargs.update(model=load_model(a), model_kwargs=None)
     result = generate(a.n, batch_size=a.batch_size, seed=a.seed, condition_set=a.conditions,
-                      progress=a.n > a.batch_size and not a.no_progress, **kwargs)
+                      progress=a.n > a.batch_size and a.progress, **kwargs)
     text_conditioned = result.text_conditioned
     if a.out:
         out = Path(a.out)
@@ -186,52 +176,3 @@ def cmd_sample(a: argparse.Namespace) -> int:
     print(f"NFE per image: {result.nfe_per_image:g}")
     print(f"wall time: {result.wall_time_s:.2f} s ({1e3 * result.seconds_per_image:.3f} ms/image)")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffenv", description="DiffusionSteer: steer diffusion models with RL",
-                                     formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = add_parser(sub, "sample", help="sample the (base or --lora tuned) model and score the images",
-                   description="Sample the model with its own sampler, write images/grid, print reward, NFE, time.")
-    add_sampling_args(s)
-    s.add_argument("--n", type=number_type(int, ge=1), default=100, help="number of images")
-    s.add_argument("--batch-size", type=number_type(int, ge=1), default=250, help="images per batched episode")
-    s.add_argument("--out", default=None, help="npz file for images [N,C,H,W] in [0,1], conditions [N], rewards [N]")
-    s.add_argument("--grid", default=None, help="PNG grid of the first 100 images")
-    s.add_argument("--lora", default=None, help="LoRA adapter (a run's lora.safetensors), merged into the "
-                   "weights before sampling: the tuned model at the base model's cost")
-    s.add_argument("--judge", default=None, help="also report accuracy by this classifier (e.g. digit_judge)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_sample)
-    p = add_parser(sub, "ab", help="A/B: base pipeline with CFG vs guidance-free LoRA, same prompts and seeds",
-                   description=ab.DESCRIPTION)
-    ab.add_arguments(p)
-    p.set_defaults(func=ab.cmd_ab)
-    return parser
-
-
-def run(a: argparse.Namespace) -> int:
-    """Run a parsed subcommand; user errors become one clear line on stderr and exit code 2."""
-    quiet_third_party()
-    if getattr(a, "threads", None):
-        import torch
-
-        torch.set_num_threads(a.threads)
-    try:
-        return a.func(a)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as e:
-        print(f"diffenv {a.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"diffenv {a.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

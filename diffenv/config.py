@@ -33,22 +33,31 @@ class EnvConfig:
     checked by `diffenv.validation` from the annotations and field metadata."""
 
     model: Any = "digits-eps"
+    """a registered model name, 'sd:PATH'-style diffusers spec, or a backend object"""
     reward: Any = "digit_classifier"
+    """a reward name, a {name: weight} table, a `Reward` or a callable; None: no reward"""
     num_steps: int | None = field(default=None, metadata=bounds(ge=1))
-    """sampler steps per image; None: the model's default (`backend.default_num_steps`: 10 digits, 20 shapes)"""
+    """sampler steps per image (default: the model's, `backend.default_num_steps`: 10 for digits, 20 for shapes)"""
     sampler: str | None = None
+    """ddim | ddpm | ode (ε-models); flow_sde | ode (flow models) (default: the model's, ddim / flow_sde)"""
     eta: float = field(default=1.0, metadata=bounds(ge=0))
+    """DDIM eta (0: deterministic)"""
     noise_level: float = field(default=0.7, metadata=bounds(ge=0))
     action_mode: ActionMode = "noise"
     guidance_scale: float = field(default=1.0, metadata=bounds(ge=0))
+    """CFG weight; 1 = no CFG (1 NFE/step), otherwise 2 NFE/step"""
     conditions: str | Sequence[int | str] | None = field(default=None, metadata=checked(
         _conditions, "condition ids (e.g. [3, 7]), a split name the model declares (e.g. 'train'), or None"))
+    """condition ids (digit classes, prompt indices) or split names the model declares (e.g. heldout);
+    (default: the model's default set, e.g. all digits)"""
     group_size: int = field(default=1, metadata=bounds(ge=1))
     share_noise: bool = False
     fork_at: int | None = field(default=None, metadata=bounds(ge=0))
     dense_reward: bool = False
     device: Any = field(default="cpu", metadata=DEVICE)
+    """torch device: cpu, cuda, cuda:N, mps"""
     seed: int | None = field(default=None, metadata=SEED)
+    """seed of x_T and the noise (None: a random one)"""
     action_bound: float = field(default=NOISE_ACTION_BOUND, metadata=bounds(gt=0, finite=False))
     model_kwargs: dict | None = None
     validate: bool = True

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import inspect
+import textwrap
 import math
 import types
 import typing
@@ -182,6 +184,25 @@ def field_specs(cls) -> dict[str, tuple[Any, dict]]:
     return {f.name: (hints.get(f.name, Any), meta.get(f.name, {})) for f in dataclasses.fields(cls)}
 
 
+@lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """name → the field's docstring (the string literal right under it, as CleanRL's `Args` and Sphinx read it),
+    along the MRO (a subclass's own docstring wins); one line, whitespace collapsed."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # no source (e.g. built in a REPL): no docs
+            continue
+        for stmt, after in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 def expectation(cls, name: str, text: bool = False) -> str:
     tp, meta = field_specs(cls)[name]
     return meta.get("expected") or describe(tp, meta.get("range"), text)
@@ -294,14 +315,24 @@ def parse_assignments(cls, pairs: Sequence[str], flag: str = "--set", owner: str
     return out
 
 
-def flag_type(cls, name: str) -> Callable[[str], Any]:
+def flag_type(cls, name: str, each: bool = False) -> Callable[[str], Any]:
     """An argparse `type=` for a flag that sets field `name` of `cls`: argparse then prints
-    'argument --grid-every: expected an int >= 0, got -1' and exits 2."""
+    'argument --grid-every: expected an int >= 0, got -1' and exits 2. `each`: the field is a list and the flag
+    takes its items one per word (`nargs="+"`), each checked against the field's item type and range."""
     def convert(text: str):
         try:
-            return parse_text(cls, name, text)
+            value = parse_text(cls, name, text)
+            if each:
+                if len(value) != 1:
+                    raise ValueError(f"expected one item per word, got {text!r}")
+                return value[0]
+            return value
         except (TypeError, ValueError) as e:
             reason = getattr(e, "reason", str(e))
+            if each and reason.startswith("expected"):  # one word is one item: say what an item must be
+                tp, meta = field_specs(cls)[name]
+                item = next(typing.get_args(a)[0] for a in (tp, *typing.get_args(tp)) if _is_sequence(a))
+                reason = f"expected {describe(item, meta.get('range'), text=True)}"
             raise argparse.ArgumentTypeError(f"{reason}, got {text!r}" if reason.startswith("expected")
                                              else f"{text!r}: {reason}") from None
 

@@ -197,3 +197,27 @@ def test_compare_shows_progress_of_its_entries(tmp_path, capsys):
     assert main(["compare", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "t: 100%" in err and "2/2" in err and "bon_2" in err  # the entry being computed
+
+
+def test_every_flag_is_a_dataclass_field_defined_once():
+    """The parser is built from config dataclasses: each flag's dest is a field, its help starts with the field's
+    docstring, and `train` has a flag for every `TrainConfig` field but the two that other flags fill."""
+    import argparse
+    import dataclasses
+
+    from agents.cli import TRAIN_FIELDS, build_parser, subcommands
+    from agents.trainer import TrainConfig
+    from diffenv.validation import field_docs
+
+    assert set(TRAIN_FIELDS) == {f.name for f in dataclasses.fields(TrainConfig)} - {"algo_overrides", "model_kwargs"}
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, (_, flags, _) in subcommands().items():
+        dests = [a.dest for a in sub.choices[name]._actions if a.dest != "help"]
+        assert len(dests) == len(set(dests)), name  # no flag twice
+        owners = {field: cls for cls, field, *_ in flags}
+        assert set(dests) == set(owners) | {"threads"}, name
+        for action in sub.choices[name]._actions:
+            if action.dest in owners:
+                doc = field_docs(owners[action.dest]).get(action.dest)
+                assert doc and action.help.startswith(doc[:20]) or action.dest in ("model", "reward"), (name, action.dest)
