@@ -1,8 +1,9 @@
 """Rewards of the shapes task: `shapes_verifier` (the training reward) and `shapes_judge` (evaluation only).
 
 Both are scene readers trained in the repo (`python -m rewards.train_shapes_rewards`) on rendered images of
-`rewards.shapes_task`: for each of the 18 objects (colour, shape) they predict how many are in the image
-(0–3, a softmax) and where the first one is (box centre in px). A prompt is then scored from the scene:
+`rewards.shapes_task`: centre-grid detectors that say, for every cell of a grid, which of the 18 objects (colour,
+shape) has its box centre there and where. From that they read P(count_k = n) for each object (n = 0…3, exact
+over the cells) and each object's centre in px. A prompt is then scored from the scene:
 
 | term | value |
 |---|---|
@@ -12,10 +13,11 @@ Both are scene readers trained in the repo (`python -m rewards.train_shapes_rewa
 | `shapes_verifier` reward (`mode="partial"`) | the mean of these terms: partial credit, so RL has signal on hard prompts |
 | `prompt_prob` component (`mode="prompt_prob"`) | Π over all 18 objects of P(count = wanted) × the relation term: the probability that the prompt holds |
 | `mode="correct"` | 1.0 where `satisfied`, else 0.0 |
-| `satisfied(images, conditions)` | the exact decision: argmax counts equal the prompt's and the relation holds by ≥ 2 px |
+| `satisfied(images, conditions)` | the exact decision: per-cell argmax counts equal the prompt's and the relation holds by ≥ 2 px |
 
-The two differ in architecture (verifier: a plain ReLU CNN with a dense head; judge: CoordConv + GroupNorm +
-GELU, wider, dropout), data seed and augmentation, so that a policy exploiting one is caught by the other.
+The two differ in architecture (verifier: a plain ReLU CNN on an 8×8 grid of 4-px cells; judge: CoordConv +
+GroupNorm + GELU with dilated context, no colour maps), data seed and degradations (the judge also
+trains on reconstructions of the shapes autoencoder), so that a policy exploiting one is caught by the other.
 Conditions are indices into `prompts` (default: `shapes_task.model_prompts()`, the condition set of the
 embedded `shapes` model: the 1,155 training prompts, then the 276 held-out ones).
 """
@@ -42,45 +44,94 @@ MARGIN, TEMPERATURE = 2.0, 1.0
 MODES = ("partial", "prompt_prob", "correct")
 
 
-class VerifierNet(nn.Module):
-    """Plain CNN: [B, 3, 32, 32] -> count logits [B, 18, 4], centres [B, 18, 2] in px."""
+class CentreGridNet(nn.Module):
+    """A centre-grid detector (CenterNet-style, Zhou et al. 2019, one cell per object): the image is cut into G×G
+    cells of `stride` px; each cell says which object's box centre lies in it (18 objects + background) and where
+    in the cell (offset in [0, 1]²). Boxes are ≥ 7 px and ≥ 2 px apart, so two centres never share a 4-px cell.
+
+    forward: images [B, 3, 32, 32] in [0, 1] -> class logits [B, 19, G, G], offsets [B, 2, G, G] in [0, 1].
+    """
+
+    stride: int
+
+    def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The scene: log P(count_k = n) [B, 18, 4] (Poisson-binomial over cells, n = 3 meaning ≥ 3), argmax counts
+        [B, 18], and each object's most likely centre [B, 18, 2] in px (x, y)."""
+        logits, offsets = self(images)
+        b, _, g, _ = logits.shape
+        p = logits.float().softmax(1).flatten(2)  # [B, 19, G*G]
+        p_obj = p[:, :N_OBJ]  # [B, 18, cells]
+        dist = torch.zeros(b, N_OBJ, N_COUNT, device=images.device)
+        dist[..., 0] = 1
+        for j in range(g * g):  # exact count distribution: cells independent given the image
+            q = p_obj[..., j:j + 1]
+            shifted = torch.cat([torch.zeros_like(dist[..., :1]), dist[..., :-1]], -1)
+            shifted[..., -1] += dist[..., -1]  # the last bin absorbs ≥ 3
+            dist = dist * (1 - q) + shifted * q
+        hard = torch.zeros(b, N_OBJ + 1, device=images.device).scatter_add_(
+            1, p.argmax(1), torch.ones(b, g * g, device=images.device))[:, :N_OBJ].clamp(max=N_COUNT - 1)
+        best = p_obj.argmax(-1)  # [B, 18] most likely cell of each object
+        cell = torch.stack([best % g, best // g], -1).float()  # (col, row)
+        off = offsets.float().flatten(2).transpose(1, 2)  # [B, cells, 2]
+        centres = (cell + off.gather(1, best.unsqueeze(-1).expand(-1, -1, 2))) * self.stride
+        return {"log_p_counts": dist.clamp_min(1e-12).log(), "counts": hard.long(), "centres": centres}
+
+
+def colour_maps(x: torch.Tensor) -> torch.Tensor:
+    """Fuzzy membership of every pixel in each of the 6 colours and the black background: [B, 3, H, W] in [0, 1] ->
+    [B, 7, H, W], the product over channels of x_c (colour channel on) or 1 − x_c (off). A plain CNN trained on RGB
+    alone confused complementary colours (cyan read as red: 92 % of its cell errors); these maps make colour
+    identity explicit, so the network learns shape and position."""
+    x = x.clamp(0, 1)
+    on = torch.tensor([*task.COLORS.values(), (0, 0, 0)], dtype=x.dtype, device=x.device)  # [7, 3]
+    per_channel = torch.where(on[None, :, :, None, None] > 0, x[:, None], 1 - x[:, None])  # [B, 7, 3, H, W]
+    return per_channel.prod(2)
+
+
+class VerifierNet(CentreGridNet):
+    """The reward's reader: a plain ReLU CNN on RGB + colour-membership maps, 8×8 cells of 4 px."""
+
+    stride = 4
 
     def __init__(self, width: int = 32):
         super().__init__()
         w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
-            nn.ReLU(), nn.Flatten(), nn.Linear(4 * w * 64, 256), nn.ReLU())
-        self.head = nn.Linear(256, N_OBJ * (N_COUNT + 2))
+        self.body = nn.Sequential(
+            nn.Conv2d(3 + 7, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4 * w, 4 * w, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(4 * w, N_OBJ + 1 + 2, 1)
 
     def forward(self, x):
-        out = self.head(self.features(x * 2 - 1)).view(-1, N_OBJ, N_COUNT + 2)
-        return out[..., :N_COUNT], 16 + 16 * out[..., N_COUNT:]
+        out = self.head(self.body(torch.cat([x * 2 - 1, colour_maps(x) * 2 - 1], dim=1)))
+        return out[:, :N_OBJ + 1], torch.sigmoid(out[:, N_OBJ + 1:])
 
 
-class JudgeNet(nn.Module):
-    """CoordConv + GroupNorm + GELU CNN with dropout: same outputs as `VerifierNet`, a different family."""
+class JudgeNet(CentreGridNet):
+    """The held-out judge: CoordConv + GroupNorm + GELU with dilated context, 8×8 cells of 4 px."""
 
-    def __init__(self, width: int = 48):
+    stride = 4
+
+    def __init__(self, width: int = 32):
         super().__init__()
         w = width
 
-        def block(i, o, stride):
-            return [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.GroupNorm(8, o), nn.GELU()]
+        def block(i, o, stride=1, dilation=1):
+            return [nn.Conv2d(i, o, 3, stride=stride, padding=dilation, dilation=dilation), nn.GroupNorm(8, o),
+                    nn.GELU()]
 
-        self.features = nn.Sequential(
-            nn.Conv2d(5, w, 5, padding=2), nn.GELU(), *block(w, 2 * w, 2), *block(2 * w, 2 * w, 1),
-            *block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 1), nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.2),
-            nn.Linear(4 * w * 16, 384), nn.GELU(), nn.Dropout(0.2))
-        self.head = nn.Linear(384, N_OBJ * (N_COUNT + 2))
+        self.body = nn.Sequential(nn.Conv2d(5, w, 5, padding=2), nn.GELU(), *block(w, 2 * w, stride=2),
+                                  *block(2 * w, 2 * w, dilation=2), *block(2 * w, 4 * w, stride=2),
+                                  *block(4 * w, 4 * w, dilation=2), *block(4 * w, 4 * w, dilation=1))
+        self.head = nn.Conv2d(4 * w, N_OBJ + 1 + 2, 1)
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, task.SIZE), torch.linspace(-1, 1, task.SIZE), indexing="ij")
         self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)
 
     def forward(self, x):
         x = torch.cat([x * 2 - 1, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
-        out = self.head(self.features(x)).view(-1, N_OBJ, N_COUNT + 2)
-        return out[..., :N_COUNT], 16 + 16 * out[..., N_COUNT:]
+        out = self.head(self.body(x))
+        return out[:, :N_OBJ + 1], torch.sigmoid(out[:, N_OBJ + 1:])
 
 
 ARCHS = {"shapes_verifier": VerifierNet, "shapes_judge": JudgeNet}
@@ -133,63 +184,41 @@ class ShapesSceneReward(Reward):
             raise ValueError(f"reward {self.name!r}: images must be [B, 3, 32, 32] in [0, 1], got {tuple(images.shape)}")
         return images, conditions
 
-    def _scene(self, images: torch.Tensor):
-        logits, centres = self.net(images.float())
-        return logits.log_softmax(-1), centres  # [B, 18, 4], [B, 18, 2]
-
-    def terms(self, images: torch.Tensor, conditions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image terms [B]: mean named-object probability, nothing-else probability, relation probability (1
-        where the prompt has none), and how many terms the prompt has."""
-        logp, centres = self._scene(images)
+    def terms(self, scene: dict[str, torch.Tensor], conditions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image terms [B] of a read scene (`net.read`): mean named-object probability, nothing-else probability,
+        relation probability (1 where the prompt has none), the prompt probability, and the exact decision."""
+        logp, centres = scene["log_p_counts"], scene["centres"]
         want, rel = self.want[conditions], self.rel[conditions]  # [B, 18], [B, 4]
         p_want = logp.gather(-1, want.unsqueeze(-1)).squeeze(-1).exp()  # [B, 18]
         named = want > 0
-        objects = (p_want * named).sum(-1) / named.sum(-1)
-        none_else = torch.where(named, torch.ones_like(p_want), p_want).prod(-1)
+        rows = torch.arange(len(conditions), device=conditions.device)
         has_rel = rel[:, 0] >= 0
-        a, b = rel[:, 0].clamp(min=0), rel[:, 1].clamp(min=0)
-        rows = torch.arange(len(conditions), device=images.device)
-        axis, sign = rel[:, 2].clamp(min=0), rel[:, 3].float()
-        offset = (centres[rows, b, axis] - centres[rows, a, axis]) * sign
+        a, b, axis = rel[:, 0].clamp(min=0), rel[:, 1].clamp(min=0), rel[:, 2].clamp(min=0)
+        offset = (centres[rows, b, axis] - centres[rows, a, axis]) * rel[:, 3].float()
         relation = torch.where(has_rel, torch.sigmoid((offset - MARGIN) / TEMPERATURE), torch.ones_like(offset))
-        n_terms = named.sum(-1) + 1 + has_rel.long()
-        return {"objects": objects, "nothing_else": none_else, "relation": relation, "named": named.sum(-1),
-                "n_terms": n_terms, "has_rel": has_rel}
+        return {"objects": (p_want * named).sum(-1) / named.sum(-1),
+                "nothing_else": torch.where(named, torch.ones_like(p_want), p_want).prod(-1),
+                "relation": relation, "prompt_prob": p_want.prod(-1) * relation,
+                "partial": ((p_want * named).sum(-1) + torch.where(named, torch.ones_like(p_want), p_want).prod(-1)
+                            + torch.where(has_rel, relation, torch.zeros_like(relation)))
+                / (named.sum(-1) + 1 + has_rel.long()),
+                "correct": ((scene["counts"] == want).all(-1) & (~has_rel | (offset >= MARGIN))).float()}
 
     def score(self, images, conditions):
-        if self.mode == "correct":
-            return self.satisfied(images, conditions).float()
-        if self.mode == "prompt_prob":
-            return self._prompt_prob(images, conditions)
-        t = self.terms(images, conditions)
-        rel = torch.where(t["has_rel"], t["relation"], torch.zeros_like(t["relation"]))
-        return (t["objects"] * t["named"] + t["nothing_else"] + rel) / t["n_terms"]
-
-    def _prompt_prob(self, images, conditions):
-        """Π over the 18 objects of P(count = wanted) × P(relation): the probability that the prompt holds."""
-        logp, _ = self._scene(images)
-        p_counts = logp.gather(-1, self.want[conditions].unsqueeze(-1)).squeeze(-1).exp().prod(-1)
-        return p_counts * self.terms(images, conditions)["relation"]
+        return self.terms(self.net.read(images.float()), conditions)[self.mode]
 
     def components(self, images, conditions):
         images, conditions = self.check_inputs(images, conditions)
         with torch.no_grad():
-            t = self.terms(images, conditions)
-            p_all = self._prompt_prob(images, conditions)
-        return {self.name: self(images, conditions), "objects": t["objects"], "nothing_else": t["nothing_else"],
-                "relation": t["relation"], "prompt_prob": p_all}
+            t = self.terms(self.net.read(images.float()), conditions)
+        return {self.name: self.check_output(t[self.mode], images), "objects": t["objects"],
+                "nothing_else": t["nothing_else"], "relation": t["relation"], "prompt_prob": t["prompt_prob"]}
 
     @torch.no_grad()
     def satisfied(self, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """Exact decision per image [B] bool: argmax counts equal the prompt's, relation offset ≥ 2 px."""
         images, conditions = self.check_inputs(images, conditions)
-        logp, centres = self._scene(images)
-        want, rel = self.want[conditions], self.rel[conditions]
-        counts_ok = (logp.argmax(-1) == want).all(-1)
-        rows = torch.arange(len(conditions), device=images.device)
-        a, b, axis = rel[:, 0].clamp(min=0), rel[:, 1].clamp(min=0), rel[:, 2].clamp(min=0)
-        offset = (centres[rows, b, axis] - centres[rows, a, axis]) * rel[:, 3].float()
-        return counts_ok & ((rel[:, 0] < 0) | (offset >= MARGIN))
+        return self.terms(self.net.read(images.float()), conditions)["correct"].bool()
 
     def kinds(self, conditions: torch.Tensor) -> list[str]:
         """The prompt kind of each condition id."""
@@ -211,8 +240,16 @@ def shapes_judge(prompts: Sequence[str] | None = None, path=None, mode: str = "p
     return ShapesSceneReward("shapes_judge", prompts=prompts, path=path, mode=mode)
 
 
-def scene_targets(scenes: list[task.Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training targets of rendered scenes: counts [N, 18] (capped at 3), centres [N, 18, 2], centre mask [N, 18]."""
-    counts = torch.from_numpy(np.stack([np.minimum(s.counts, N_COUNT - 1) for s in scenes]))
-    centres = torch.from_numpy(np.nan_to_num(np.stack([s.centres for s in scenes])))
-    return counts, centres, counts == 1
+def grid_targets(layouts: list[list[tuple[int, int, int, int]]], stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training targets of rendered layouts for a centre grid of `stride` px: the class of each cell [N, G, G]
+    (object index whose box centre is in it, 18 = background) and the centre's offset in the cell [N, 2, G, G]."""
+    g = task.SIZE // stride
+    classes = np.full((len(layouts), g, g), N_OBJ, np.int64)
+    offsets = np.zeros((len(layouts), 2, g, g), np.float32)
+    for i, layout in enumerate(layouts):
+        for obj, x0, y0, side in layout:
+            cx, cy = (x0 + side / 2) / stride, (y0 + side / 2) / stride
+            col, row = min(int(cx), g - 1), min(int(cy), g - 1)
+            classes[i, row, col] = obj
+            offsets[i, :, row, col] = (cx - col, cy - row)
+    return torch.from_numpy(classes), torch.from_numpy(offsets)

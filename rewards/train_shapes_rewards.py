@@ -4,11 +4,13 @@
     python -m rewards.train_shapes_rewards --vae runs/train_shapes/vae
 
 Data: rendered images (`rewards.shapes_task`) of prompts drawn uniformly over the four kinds, plus 20 %
-random scenes of 0–4 arbitrary objects (so images that match no prompt are read correctly too). Images pass
+random scenes of 0–4 arbitrary objects (so images that match no prompt are read correctly too). Targets: for
+each cell of the reader's centre grid, the object whose box centre lies in it (or background) and the offset. Images pass
 through a random degradation so that decoded samples, which are blurry and colour-shifted, are read as well:
 the verifier sees blur + noise + channel gain; the judge sees a different mix (box blur, colour bleed,
 background offset) and, when `--vae` is given, also reconstructions of the shapes autoencoder. Loss:
-cross-entropy over counts (0–3) of the 18 objects + Smooth-L1 on the first instance's box centre (px).
+cross-entropy over the 19 cell classes (object and background cells averaged separately, then summed) + L1 on
+the centre offset in object cells.
 
 Accuracy is measured on a separate rendered test set (seed 10_000): exact satisfaction of the image's own
 prompt, rejection of hard negatives (relation flipped, colours swapped, count ± 1) and, with `--vae`, the
@@ -29,15 +31,16 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from rewards import shapes_task as task
-from rewards.shapes import ARCHS, N_OBJ, WEIGHTS_DIR, ShapesSceneReward, scene_targets
+from rewards.shapes import ARCHS, N_OBJ, WEIGHTS_DIR, ShapesSceneReward, grid_targets
 
 SEEDS = {"shapes_verifier": 0, "shapes_judge": 1}
 TEST_SEED = 10_000
 
 
-def scenes_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[task.Scene], list[str]]:
-    """n images [n, 3, 32, 32]: 80 % from grammar prompts (uniform over kinds), 20 % random scenes."""
-    images, scenes, prompts = [], [], []
+def scenes_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[list], list[str]]:
+    """n images [n, 3, 32, 32] with their layouts: 80 % from grammar prompts (uniform over kinds), 20 % random
+    scenes of 0–4 objects."""
+    images, layouts, prompts = [], [], []
     for text in task.sample_prompts(n, rng, split="all"):
         if rng.random() < 0.2:
             objs = tuple((int(o), 1) for o in rng.integers(0, N_OBJ, rng.integers(0, 5)))
@@ -46,9 +49,9 @@ def scenes_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tas
             p = task.parse_prompt(text)
         layout = task.layout(p, rng)
         images.append(task.draw(layout))
-        scenes.append(task.scene_of(layout))
+        layouts.append(layout)
         prompts.append(text if p.kind != "random" else "")
-    return np.stack(images), scenes, prompts
+    return np.stack(images), layouts, prompts
 
 
 def degrade(x: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
@@ -95,21 +98,26 @@ def train_reader(name: str, steps: int, batch_size: int, lr: float, vae, out: Pa
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     pool = None
     if vae is not None and name == "shapes_judge":  # a fixed pool of reconstructions, refreshed never (cheap)
-        pool_imgs, pool_scenes, _ = scenes_batch(8192, rng)
-        pool = (reconstruct(vae, pool_imgs, gen), *scene_targets(pool_scenes))
+        pool_imgs, pool_layouts, _ = scenes_batch(8192, rng)
+        pool = (reconstruct(vae, pool_imgs, gen), *grid_targets(pool_layouts, net.stride))
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=name, mininterval=10.0)
     for step in bar:
-        imgs, scenes, _ = scenes_batch(batch_size, rng)
+        imgs, layouts, _ = scenes_batch(batch_size, rng)
         x = degrade(torch.from_numpy(imgs), name, gen)
-        counts, centres, mask = scene_targets(scenes)
+        classes, offsets = grid_targets(layouts, net.stride)
         if pool is not None:
             idx = torch.randint(0, len(pool[0]), (batch_size // 4,), generator=gen)
             x = torch.cat([x, pool[0][idx]])
-            counts, centres, mask = (torch.cat([a, p[idx]]) for a, p in zip((counts, centres, mask), pool[1:]))
+            classes, offsets = torch.cat([classes, pool[1][idx]]), torch.cat([offsets, pool[2][idx]])
         logits, pred = net(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), counts.reshape(-1))
-        loss = loss + 0.1 * (F.smooth_l1_loss(pred, centres, reduction="none").sum(-1) * mask).sum() / mask.sum()
+        # which object's centre is in each cell, or background; object and background cells weigh equally (a
+        # plain mean over cells is ~97 % background and learned to find objects but not to name them)
+        ce = F.cross_entropy(logits, classes, reduction="none")
+        is_obj = classes < N_OBJ
+        loss = ce[is_obj].mean() + ce[~is_obj].mean()
+        mask = is_obj.unsqueeze(1)
+        loss = loss + (F.l1_loss(pred, offsets, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -140,7 +148,7 @@ def hard_negative(text: str, rng: np.random.Generator) -> str:
         return f"{new} {c} {s}s" if new != "a" else f"a {c} {s}"
     b = rest[0][0]
     (ca, sa), (cb, sb) = task.OBJECTS[a], task.OBJECTS[b]
-    if ca == cb:  # same colour: swap a shape for the third one instead
+    if ca == cb or sa == sb:  # swapping colours would give the same pair: change the second object's shape
         sb = next(s for s in task.SHAPES if s not in (sa, sb))
     else:
         ca, cb = cb, ca

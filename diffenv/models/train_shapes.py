@@ -47,8 +47,11 @@ UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_bloc
                    block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
                    attention_head_dim=8, norm_num_groups=32)
+# Sampling starts at t = 951 ("leading" spacing, SD's own), not 999: under the capped cosine schedule ᾱ_999 ≈ 0,
+# and ε-prediction's x̂0 = (x − √(1−ᾱ) ε̂) / √ᾱ amplifies the network's error by 1/√ᾱ there (with "trailing"
+# spacing the first model's latents blew up to std ~770 and every sample was noise).
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-                        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0)
+                        clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=1)
 
 
 # ---------------------------------------------------------------------------------------------- data
