@@ -42,13 +42,7 @@ def brightness(images, conditions):
     return images.mean(dim=(1, 2, 3))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine has 2 shared cores; one thread per test is faster than contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(algo: str, model: str, *, perturb: bool = True, num_envs: int = 8, reward="digit_classifier",

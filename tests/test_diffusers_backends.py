@@ -23,13 +23,7 @@ PROMPTS = ["a red cat", "a blue dog", "a green tree"]
 T5_KWARGS = {"sd3": {"max_sequence_length": 16}, "flux": {"max_sequence_length": 16}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny networks: thread start-up and contention on a shared 2-core machine cost more than they give
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

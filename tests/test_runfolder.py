@@ -19,6 +19,7 @@ import agents.runfolder as runfolder
 from agents.cli import main as cli_main
 from agents.runfolder import RunError, RunFolder
 from agents.trainer import TrainConfig, Trainer
+from torn_writes import TornFile
 
 ROOT = Path(__file__).parents[1]
 SMALL = {"images_per_epoch": 8, "group_size": 4, "minibatch_size": 8}
@@ -174,26 +175,12 @@ def _tear_writes_to(monkeypatch, name: str, err: int) -> None:
     """Writes to files named `name` put half their bytes on disk, then fail with OSError(err)."""
     real_open = open
 
-    class Failing:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def __getattr__(self, attr):
-            return getattr(self.f, attr)
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            raise OSError(err, os.strerror(err))
+    def fail(_f):
+        raise OSError(err, os.strerror(err))
 
     def open_(path, *args, **kwargs):
         f = real_open(path, *args, **kwargs)
-        return Failing(f) if Path(path).name == name else f
+        return TornFile(f, fail) if Path(path).name == name else f
 
     monkeypatch.setattr(runfolder, "open", open_, raising=False)
 

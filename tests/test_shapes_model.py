@@ -21,12 +21,7 @@ from rewards import shapes_task as task  # noqa: E402
 PROMPT_IDS = [0, 20, 100, 1200]  # single, counting, binding/relation train, a held-out prompt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
