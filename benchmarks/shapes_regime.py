@@ -1,6 +1,7 @@
 """Does the embedded `shapes` model need guidance? Prompt accuracy by the held-out judge vs the CFG weight.
 
     python benchmarks/shapes_regime.py                 # 1,000 images per weight, 20 DDIM steps, seed 7
+    python benchmarks/shapes_regime.py --weights 1 --lora runs/shapes_grpo/lora.safetensors   # a tuned model
 
 Images: the `eval` prompt set of the shapes model (50 prompts over every kind, 20 images each; binding and
 relation prompts from the training *and* held-out splits), the same initial noise for every weight. Prints a
@@ -16,7 +17,7 @@ import time
 import torch
 
 from agents.benchmark.evaluation import shapes_metrics
-from diffenv.models import load_backend
+from diffenv.models import load_backend, load_tuned_backend
 from diffenv.sampling import generate
 
 COLUMNS = [("judge_accuracy", "overall"), ("judge_acc_single_train", "single"),
@@ -35,11 +36,12 @@ def main(argv=None) -> None:
     p.add_argument("--num-steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--seed", type=int, default=7, help="noise seed (the same for every weight)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--lora", default=None, help="a trainer LoRA, merged into the UNet (same protocol, same noise)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    backend = load_backend("shapes")
+    backend = load_tuned_backend("shapes", a.lora) if a.lora else load_backend("shapes")
     print(f"shapes model, {a.n} images per weight over the `eval` prompts, {a.num_steps} steps, seed {a.seed}, "
-          f"{a.threads} threads\n")
+          f"{a.threads} threads" + (f", LoRA {a.lora} (merged)" if a.lora else "") + "\n")
     print("| w | " + " | ".join(label for _, label in COLUMNS) + " | NFE | ms/image |")
     print("|---" * (len(COLUMNS) + 3) + "|")
     for w in a.weights:
