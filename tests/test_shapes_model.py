@@ -137,3 +137,19 @@ def test_rewards_read_rendered_images(name):
     assert set(comps) >= {name, "objects", "nothing_else", "relation", "prompt_prob"}
     with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]"):
         reader(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+
+
+def test_sample_command_writes_prompts_and_a_captioned_grid(tmp_path, capsys):
+    from agents.cli import main
+
+    out, grid = tmp_path / "x.npz", tmp_path / "g.png"
+    assert main(["sample", "--model", "shapes", "--n", "6", "--num-steps", "2", "--guidance-scale", "3",
+                 "--conditions", "heldout", "--seed", "7", "--out", str(out), "--grid", str(grid), "--reward",
+                 "shapes_verifier", "--threads", "1"]) == 0
+    data = np.load(out)  # no pickle needed: prompts are a unicode array
+    assert data["images"].shape == (6, 3, 32, 32) and data["prompts"].shape == (6,)
+    held = set(task.split_prompts("heldout"))
+    assert all(p in held for p in data["prompts"].tolist())
+    names = task.model_prompts()
+    assert [names[c] for c in data["conditions"].tolist()] == data["prompts"].tolist()
+    assert grid.is_file() and "num_steps=2" in capsys.readouterr().out
