@@ -196,11 +196,11 @@ class ShapesSceneReward(Reward):
         a, b, axis = rel[:, 0].clamp(min=0), rel[:, 1].clamp(min=0), rel[:, 2].clamp(min=0)
         offset = (centres[rows, b, axis] - centres[rows, a, axis]) * rel[:, 3].float()
         relation = torch.where(has_rel, torch.sigmoid((offset - MARGIN) / TEMPERATURE), torch.ones_like(offset))
-        return {"objects": (p_want * named).sum(-1) / named.sum(-1),
-                "nothing_else": torch.where(named, torch.ones_like(p_want), p_want).prod(-1),
+        named_sum = (p_want * named).sum(-1)
+        nothing_else = torch.where(named, torch.ones_like(p_want), p_want).prod(-1)
+        return {"objects": named_sum / named.sum(-1), "nothing_else": nothing_else,
                 "relation": relation, "prompt_prob": p_want.prod(-1) * relation,
-                "partial": ((p_want * named).sum(-1) + torch.where(named, torch.ones_like(p_want), p_want).prod(-1)
-                            + torch.where(has_rel, relation, torch.zeros_like(relation)))
+                "partial": (named_sum + nothing_else + torch.where(has_rel, relation, torch.zeros_like(relation)))
                 / (named.sum(-1) + 1 + has_rel.long()),
                 "correct": ((scene["counts"] == want).all(-1) & (~has_rel | (offset >= MARGIN))).float()}
 

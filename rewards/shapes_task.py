@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from functools import lru_cache
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,26 +126,34 @@ def split_prompts(split: str = "train") -> list[str]:
     """Prompts of a split: `train`, `heldout` (20 % of binding and of relation prompts) or `all`."""
     if split not in SPLITS:
         raise ValueError(f"unknown shapes prompt split {split!r}; expected one of {list(SPLITS)}")
+    return [p for kind in KINDS for p in _split_by_kind(split)[kind]]  # all_prompts() is kind-major: same order
+
+
+@lru_cache(maxsize=None)
+def _split_by_kind(split: str) -> dict[str, list[str]]:
+    """kind -> the split's prompts of that kind, in `all_prompts()` order (computed once: training draws
+    prompts every step)."""
     prompts = all_prompts()
+    by_kind = {k: [p for p in prompts if parse_prompt(p).kind == k] for k in KINDS}
     if split == "all":
-        return prompts
+        return by_kind
     rng = np.random.default_rng(SPLIT_SEED)
     held: set[str] = set()
     for kind in ("binding", "relation"):
-        group = [p for p in prompts if parse_prompt(p).kind == kind]
+        group = by_kind[kind]
         n = int(round(HELDOUT_FRACTION * len(group)))
         held.update(group[i] for i in rng.permutation(len(group))[:n])
-    return [p for p in prompts if (p in held) == (split == "heldout")]
+    return {k: [p for p in group if (p in held) == (split == "heldout")] for k, group in by_kind.items()}
 
 
 def sample_prompts(n: int, rng: np.random.Generator, split: str = "train") -> list[str]:
-    """n prompts of `split`: a kind uniformly, then a prompt of that kind uniformly (relation prompts would
-    otherwise be 86 % of the data)."""
-    by_kind: dict[str, list[str]] = {k: [] for k in KINDS}
-    for p in split_prompts(split):
-        by_kind[parse_prompt(p).kind].append(p)
-    kinds = rng.integers(0, len(KINDS), n)
-    return [by_kind[KINDS[k]][rng.integers(len(by_kind[KINDS[k]]))] for k in kinds]
+    """n prompts of `split`: a kind (of those the split has) uniformly, then a prompt of that kind uniformly
+    (relation prompts would otherwise be 86 % of the data)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown shapes prompt split {split!r}; expected one of {list(SPLITS)}")
+    groups = [g for g in _split_by_kind(split).values() if g]  # `heldout` has no single/counting prompts
+    kinds = rng.integers(0, len(groups), n)
+    return [groups[k][rng.integers(len(groups[k]))] for k in kinds]
 
 
 def model_prompts() -> list[str]:

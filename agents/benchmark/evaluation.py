@@ -119,9 +119,11 @@ def shapes_metrics(images: torch.Tensor, conditions: torch.Tensor, prompts: list
     if prompts != judge.prompts:
         raise ValueError("shapes_metrics: the images' prompt set differs from the judge's; expected the `shapes` "
                          "model's condition set (rewards.shapes_task.model_prompts())")
-    ok = judge.satisfied(images, conditions).double()
-    row = {"judge_accuracy": float(ok.mean()),
-           "judge_prompt_prob": float(judge.components(images, conditions)["prompt_prob"].mean()),
+    images, conditions = judge.check_inputs(images, conditions)
+    with torch.no_grad():  # one read of the images serves the exact decision and the prompt probability
+        terms = judge.terms(judge.net.read(images), conditions)
+    ok = terms["correct"].double()
+    row = {"judge_accuracy": float(ok.mean()), "judge_prompt_prob": float(terms["prompt_prob"].mean()),
            "within_prompt_distance": within_prompt_distance(images, conditions)}
     held = set(shapes_task.split_prompts("heldout"))
     kinds = judge.kinds(conditions)
