@@ -170,12 +170,13 @@ def _scene(image: np.ndarray):
 
 @torch.no_grad()
 def encode_dataset(vae, n: int, seed: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """n rendered training images -> latent means and stds [n, 4, 8, 8] (unscaled) and their prompts."""
+    """n rendered training images -> latent means and stds [n, 4, 8, 8] (unscaled, on the VAE's device) and their
+    prompts."""
     rng = np.random.default_rng(seed)
     means, stds, prompts = [], [], []
     for i in tqdm(range(0, n, chunk), desc="encode", mininterval=10.0):
         x, p = rendered_batch(min(chunk, n - i), rng)
-        dist = vae.encode(x).latent_dist
+        dist = vae.encode(x.to(vae.device)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
         prompts += p
@@ -183,13 +184,14 @@ def encode_dataset(vae, n: int, seed: int, chunk: int = 512) -> tuple[torch.Tens
 
 
 def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, ema_decay: float, n_data: int,
-               seed: int, work: Path) -> dict:
+               seed: int, work: Path, channels: tuple[int, int] = UNET_CONFIG["block_out_channels"],
+               device: str = "cpu") -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(work / "vae", use_safetensors=True).eval()
+    vae = AutoencoderKL.from_pretrained(work / "vae", use_safetensors=True).eval().to(device)
     t0 = time.perf_counter()
     means, stds, prompts = encode_dataset(vae, n_data, seed + 2)
     encode_s = time.perf_counter() - t0
@@ -199,8 +201,9 @@ def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, em
     empty = tokenize(tok, [""])[0]
     text_cfg = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, **TEXT_CONFIG)
-    text, unet = CLIPTextModel(text_cfg), UNet2DConditionModel(**UNET_CONFIG)
-    ema_text, ema_unet = CLIPTextModel(text_cfg), UNet2DConditionModel(**UNET_CONFIG)
+    unet_cfg = {**UNET_CONFIG, "block_out_channels": tuple(channels)}
+    text, unet = CLIPTextModel(text_cfg).to(device), UNet2DConditionModel(**unet_cfg).to(device)
+    ema_text, ema_unet = CLIPTextModel(text_cfg).to(device), UNet2DConditionModel(**unet_cfg).to(device)
     ema_text.load_state_dict(text.state_dict())
     ema_unet.load_state_dict(unet.state_dict())
     params = [*text.parameters(), *unet.parameters()]
@@ -212,13 +215,15 @@ def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, em
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 200))
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="unet", mininterval=10.0)
-    for step in bar:
+    shape = (batch_size, *means.shape[1:])
+    for step in bar:  # every random draw comes from the CPU generator, so the recipe is the same on any device
         idx = torch.randint(0, n_data, (batch_size,), generator=gen)
-        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
+        z0 = (means[idx.to(device)] + stds[idx.to(device)] * torch.randn(shape, generator=gen).to(device)) * scale
         tokens = ids[idx].clone()
         tokens[torch.rand(batch_size, generator=gen) < prompt_dropout] = empty
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        tokens = tokens.to(device)
+        noise = torch.randn(shape, generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
         z_t = noise_sched.add_noise(z0, noise, t)
         emb = text(tokens)[0]
         loss = torch.nn.functional.mse_loss(unet(z_t, t, encoder_hidden_states=emb).sample, noise)
@@ -236,7 +241,7 @@ def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, em
     ema_unet.save_pretrained(work / "unet", safe_serialization=True)
     tok.save_pretrained(work / "tokenizer")
     stats = dict(steps=steps, batch_size=batch_size, lr=lr, prompt_dropout=prompt_dropout, ema_decay=ema_decay,
-                 n_data=n_data, seed=seed, encode_s=round(encode_s, 1),
+                 n_data=n_data, seed=seed, block_out_channels=list(channels), device=str(device), encode_s=round(encode_s, 1),
                  wall_time_s=round(time.perf_counter() - start, 1), final_loss=round(float(loss), 5))
     print("unet", stats)
     return stats
@@ -275,6 +280,10 @@ def main(argv=None) -> None:
     p.add_argument("--unet-batch-size", type=int, default=128, help="UNet batch size")
     p.add_argument("--unet-lr", type=float, default=8e-4, help="UNet + text encoder peak learning rate")
     p.add_argument("--n-data", type=int, default=60000, help="rendered images pre-encoded for the UNet stage")
+    p.add_argument("--unet-channels", type=int, nargs=2, default=list(UNET_CONFIG["block_out_channels"]),
+                   help="UNet block_out_channels (two levels; each a multiple of 32)")
+    p.add_argument("--device", default="cpu", help="torch device of the UNet stage (data and noise are drawn on "
+                   "the CPU, so only float rounding differs between devices)")
     p.add_argument("--prompt-dropout", type=float, default=0.1, help="probability of the empty prompt (CFG)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and noise")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of the reproducibility recipe)")
@@ -290,7 +299,7 @@ def main(argv=None) -> None:
         stats_file.write_text(json.dumps(stats, indent=2))
     if a.stage in ("unet", "all"):
         stats["unet"] = train_unet(a.unet_steps, a.unet_batch_size, a.unet_lr, a.prompt_dropout, 0.999,
-                                   a.n_data, a.seed, a.work)
+                                   a.n_data, a.seed, a.work, tuple(a.unet_channels), a.device)
         stats["threads"] = a.threads
         stats_file.write_text(json.dumps(stats, indent=2))
     if a.stage in ("unet", "assemble", "all"):
