@@ -33,6 +33,11 @@ CANDIDATES = {
     "w32-s1500": ["--unet-steps", "1500", "--unet-channels", "32", "64"],
     "w32-s2500": ["--unet-steps", "2500", "--unet-channels", "32", "64"],
     "w32-s4500": ["--unet-steps", "4500", "--unet-channels", "32", "64"],
+    # captions replaced by random training prompts with probability cn (diffenv.models.train_shapes.noisy_captions)
+    "w64-s3000-cn0.3": ["--unet-steps", "3000", "--caption-noise", "0.3"],
+    "w64-s4000-cn0.3": ["--unet-steps", "4000", "--caption-noise", "0.3"],
+    "w64-s3000-cn0.5": ["--unet-steps", "3000", "--caption-noise", "0.5"],
+    "w64-s4000-cn0.5": ["--unet-steps", "4000", "--caption-noise", "0.5"],
 }
 WEIGHTS = ["1", "1.5", "2", "3", "4", "5", "7.5"]
 

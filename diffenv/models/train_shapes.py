@@ -183,9 +183,25 @@ def encode_dataset(vae, n: int, seed: int, chunk: int = 512) -> tuple[torch.Tens
     return torch.cat(means), torch.cat(stds), prompts
 
 
+def noisy_captions(prompts: list[str], rate: float, rng: np.random.Generator) -> list[str]:
+    """Each caption replaced, with probability `rate`, by an independently drawn training prompt (the image is kept).
+
+    The web-caption analogue: text-to-image data pair images with alt text that often does not describe them,
+    so the model's conditional p(x | c) is a mixture (1 − rate) p_clean(x | c) + rate p(x), and sampling it
+    unguided puts that share of images off the prompt; CFG's p(x | c)^w p(x)^(1−w) suppresses exactly that
+    mass (the off-prompt images gain nothing from c), which is the regime the task is built to show."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"caption_noise must be in [0, 1), got {rate}")
+    noisy = np.flatnonzero(rng.random(len(prompts)) < rate)
+    out = list(prompts)
+    for i, p in zip(noisy, task.sample_prompts(len(noisy), rng)):
+        out[i] = p
+    return out
+
+
 def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, ema_decay: float, n_data: int,
                seed: int, work: Path, channels: tuple[int, int] = UNET_CONFIG["block_out_channels"],
-               device: str = "cpu") -> dict:
+               device: str = "cpu", caption_noise: float = 0.0) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -196,6 +212,7 @@ def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, em
     means, stds, prompts = encode_dataset(vae, n_data, seed + 2)
     encode_s = time.perf_counter() - t0
     scale = vae.config.scaling_factor
+    prompts = noisy_captions(prompts, caption_noise, np.random.default_rng(seed + 3))
     tok = build_tokenizer(work / "tokenizer")
     ids = tokenize(tok, prompts)
     empty = tokenize(tok, [""])[0]
@@ -241,8 +258,9 @@ def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, em
     ema_unet.save_pretrained(work / "unet", safe_serialization=True)
     tok.save_pretrained(work / "tokenizer")
     stats = dict(steps=steps, batch_size=batch_size, lr=lr, prompt_dropout=prompt_dropout, ema_decay=ema_decay,
-                 n_data=n_data, seed=seed, block_out_channels=list(channels), device=str(device), encode_s=round(encode_s, 1),
-                 wall_time_s=round(time.perf_counter() - start, 1), final_loss=round(float(loss), 5))
+                 n_data=n_data, seed=seed, block_out_channels=list(channels), device=str(device),
+                 caption_noise=caption_noise, encode_s=round(encode_s, 1),
+                 wall_time_s=round(time.perf_counter() - start, 1), final_loss=round(float(loss.detach()), 5))
     print("unet", stats)
     return stats
 
@@ -284,6 +302,8 @@ def main(argv=None) -> None:
                    help="UNet block_out_channels (two levels; each a multiple of 32)")
     p.add_argument("--device", default="cpu", help="torch device of the UNet stage (data and noise are drawn on "
                    "the CPU, so only float rounding differs between devices)")
+    p.add_argument("--caption-noise", type=float, default=0.0,
+                   help="share of training captions replaced by a random training prompt (web-caption noise)")
     p.add_argument("--prompt-dropout", type=float, default=0.1, help="probability of the empty prompt (CFG)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and noise")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of the reproducibility recipe)")
@@ -299,7 +319,8 @@ def main(argv=None) -> None:
         stats_file.write_text(json.dumps(stats, indent=2))
     if a.stage in ("unet", "all"):
         stats["unet"] = train_unet(a.unet_steps, a.unet_batch_size, a.unet_lr, a.prompt_dropout, 0.999,
-                                   a.n_data, a.seed, a.work, tuple(a.unet_channels), a.device)
+                                   a.n_data, a.seed, a.work, tuple(a.unet_channels), a.device,
+                                   a.caption_noise)
         stats["threads"] = a.threads
         stats_file.write_text(json.dumps(stats, indent=2))
     if a.stage in ("unet", "assemble", "all"):
