@@ -153,3 +153,22 @@ def test_sample_command_writes_prompts_and_a_captioned_grid(tmp_path, capsys):
     names = task.model_prompts()
     assert [names[c] for c in data["conditions"].tolist()] == data["prompts"].tolist()
     assert grid.is_file() and "num_steps=2" in capsys.readouterr().out
+
+
+def test_caption_noise_replaces_the_stated_share_with_training_prompts():
+    """`train_shapes --caption-noise q`: each caption is swapped for a random *training* prompt with probability q
+    (binomial share within 5 σ), reproducibly; images are untouched (the function only sees captions)."""
+    from diffenv.models.train_shapes import noisy_captions
+
+    prompts = task.sample_prompts(20_000, np.random.default_rng(0))
+    out = noisy_captions(prompts, 0.15, np.random.default_rng(1))
+    assert out == noisy_captions(prompts, 0.15, np.random.default_rng(1)) and out is not prompts
+    changed = [o for p, o in zip(prompts, out) if o != p]
+    sigma = (0.15 * 0.85 / len(prompts)) ** 0.5
+    # a swap can draw its own prompt again (≤ 1/18 per swap, single-object kind), hence the one-sided slack
+    assert 0.15 * (1 - 1 / 18) - 5 * sigma < len(changed) / len(prompts) < 0.15 + 5 * sigma
+    assert set(changed) <= set(task.split_prompts("train"))
+    assert noisy_captions(prompts, 0.0, np.random.default_rng(1)) == prompts
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"caption_noise must be in \[0, 1\)"):
+            noisy_captions(prompts, bad, np.random.default_rng(1))
