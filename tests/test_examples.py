@@ -24,3 +24,12 @@ def test_example_smoke(name):
         match = re.search(rf"reward {when}\s*:\s*([0-9.]+)", proc.stdout)
         assert match, proc.stdout
         assert 0.0 <= float(match.group(1)) <= 1.0
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_every_compare_config_validates(config):
+    """Every shipped `diffenv compare --config` file loads: keys, types, ranges and budgets checked before any work."""
+    from agents.benchmark.compare import load_tasks
+
+    tasks = load_tasks(config)
+    assert tasks and all(t.seeds and t.budgets and t.eval_images >= 2 for t in tasks)
