@@ -30,7 +30,10 @@ CHECKPOINT_FORMAT = 2
 CHECKPOINT_KEYS = ("format", "train_config", "algo_config", "world_size", "epoch", "images_seen", "nfe_total",
                    "wall_time", "lora", "optimizer", "algo_state", "rng", "log")
 #: config fields that may differ on --resume (the budget can be extended, paths and display change)
-RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images", "probe_every", "probe_images"}
+RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images", "probe_every", "probe_images",
+                     "keep_probe_loras"}
+#: the LoRA of the probe after `images` images, kept with `keep_probe_loras` (for checkpoint selection, §6)
+PROBE_LORA = "lora_probe_{images}.safetensors"
 
 
 @dataclass
@@ -70,6 +73,8 @@ class TrainConfig:
     """over-optimisation monitor: every N epochs (and at epoch 1) score a fixed probe set (0: off)"""
     probe_images: int = field(default=200, metadata=bounds(ge=2))
     """probe set size: fixed seed and balanced conditions, the training guidance scale"""
+    keep_probe_loras: bool = False
+    """keep each probe's LoRA as lora_probe_<images>.safetensors (to select a checkpoint on the probe set)"""
     algo_overrides: dict = field(default_factory=dict)
     """algorithm config fields, e.g. {"lr": 1e-4, "group_size": 4}"""
     conditions: list[int | str] | None = None
@@ -272,9 +277,9 @@ class Trainer:
     def probe(self) -> dict[str, float]:
         """Reward, and where the model's task has them (`agents.benchmark.evaluation.task_metrics`: digits, shapes)
         the held-out judge and diversity, on the fixed probe set."""
-        from agents.benchmark.evaluation import task_metrics
+        from agents.benchmark.evaluation import PROBE_BATCH, PROBE_SEED, task_metrics
 
-        result = self.evaluate(self.cfg.probe_images, seed=999)["result"]
+        result = self.evaluate(self.cfg.probe_images, seed=PROBE_SEED, batch_size=PROBE_BATCH)["result"]
         row = {"probe_reward": result.rewards.mean().item()}
         metrics = task_metrics(getattr(self.policy.backend, "name", ""))
         if metrics is not None:
@@ -316,9 +321,13 @@ class Trainer:
         self._write_lora_and_log()
 
     def _write_lora_and_log(self, resumed: bool = False) -> None:
-        """LoRA and log.csv to the checkpoint's epoch (on resume: a kill may have left them one epoch behind)."""
+        """LoRA (and the probe's LoRA, if kept) and log.csv to the checkpoint's epoch (on resume: a kill may have
+        left them one epoch behind)."""
         written = f"checkpoint.pt (epoch {self.epoch}) is written; --resume restores the LoRA and log from it"
-        self.folder.write_atomic(LORA, self.policy.lora_file_bytes(), "LoRA", written)
+        lora = self.policy.lora_file_bytes()
+        self.folder.write_atomic(LORA, lora, "LoRA", written)
+        if self.cfg.keep_probe_loras and self.log_rows and "probe_reward" in self.log_rows[-1]:
+            self.folder.write_atomic(PROBE_LORA.format(images=self.images_seen), lora, "probe LoRA", written)
         (self.folder.repair_log if resumed else self.folder.append_log)(self.log_rows, written)
 
     def _relock(self) -> None:
@@ -406,4 +415,4 @@ def config_field_docs(cls) -> dict[str, str]:
     return docs
 
 
-__all__ = ["CHECKPOINT", "LOG", "LORA", "RunError", "TrainConfig", "Trainer", "config_field_docs"]
+__all__ = ["CHECKPOINT", "LOG", "LORA", "PROBE_LORA", "RunError", "TrainConfig", "Trainer", "config_field_docs"]
