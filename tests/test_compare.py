@@ -22,12 +22,12 @@ def test_quick_comparison_writes_every_output(tmp_path):
 
     assert main(["compare", "--config", str(ROOT / "examples" / "compare.toml"), "--out", str(tmp_path), *DIGITS,
                  "--quick", "--no-progress"]) == 0
-    for name in ("results.csv", "results.md", "reward_vs_images.png", "frontier.png",
+    for name in ("results.csv", "results.md", "reward_vs_images.png", "frontier.png", "curves_flow-classifier-3.png",
                  "grids_eps-classifier-10.png", "grids_flow-classifier-3.png"):
         assert (tmp_path / name).is_file(), name
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"cfg", "best_of_n", "rl"}
+    assert kinds == {"cfg", "best_of_n", "rl", "selected"}  # selected: the checkpoint chosen on the probe set
     for col in ("reward_mean", "judge_accuracy", "judge_log_prob", "fd", "class_variance", "nfe_per_image",
                 "ms_per_image"):
         assert all(r[col] != "" for r in rows), col
@@ -36,7 +36,7 @@ def test_quick_comparison_writes_every_output(tmp_path):
     log = list(csv.DictReader((tmp_path / "runs" / "flow-classifier-3" / "grpo" / "seed0" / "log.csv").open()))
     assert "probe_judge_accuracy" in log[0] and "probe_fd" in log[0]
     md = (tmp_path / "results.md").read_text()
-    assert "best CFG" in md and "matches CFG's best judge accuracy" in md
+    assert "best CFG" in md and "matches CFG's best judge accuracy" in md and "| grpo | " in md
     # resumable: a second run reuses the cache and the snapshots
     before = (tmp_path / "results.csv").read_text()
     assert main(["compare", "--config", str(ROOT / "examples" / "compare.toml"), "--out", str(tmp_path), *DIGITS,

@@ -6,7 +6,11 @@ balanced conditions (`agents.benchmark.evaluation`):
   guidance 1, the best by the reward: N·K NFE, NFE-matched to CFG at N = 2);
 - each diffusion-RL algorithm, trained for each budget of *images generated* × seeds (snapshots
   along one run per seed), sampled guidance-free (1 NFE per step);
-and writes `results.csv`, `results.md`, `reward_vs_images.png`, `frontier.png`, `grids_<task>.png`.
+- learning curves on the validation probe set (the trainer's probes, with CFG's sweep on the same set as the
+  reference) and, per run, the checkpoint selected on them (`agents.benchmark.curves`), evaluated once on the
+  test (eval) set;
+and writes `results.csv`, `results.md`, `reward_vs_images.png`, `frontier.png`, `curves_<task>.png`,
+`grids_<task>.png`.
 Every finished entry is cached under `cache/` and every run checkpoints, so an interrupted comparison
 continues where it stopped.
 """
@@ -24,7 +28,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from agents.algos import ALGORITHMS, make_algorithm_config
-from agents.benchmark.evaluation import entry_metrics, eval_best_of_n, eval_model
+from agents.benchmark.curves import probe_curve, select_checkpoint
+from agents.benchmark.evaluation import (PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model, eval_probe,
+                                         task_protocol)
 from agents.benchmark.report import read_log, write_outputs
 from agents.trainer import check_budget
 from diffenv.paths import safe_name
@@ -59,7 +65,10 @@ class Task:
     eval_conditions: str | list[int | str] | None = None
     """condition ids or split names every entry is evaluated on, balanced (None: the model's default set)"""
     probe_every: int = field(default=5, metadata=bounds(ge=0))
+    """probe (validation) cadence in epochs: each probe is a point of the learning curve and a checkpoint
+    candidate (0: no curves and no selected checkpoint)"""
     probe_images: int = field(default=200, metadata=bounds(ge=2))
+    """validation probe set size (seed 999; the test set is the eval set)"""
     algo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -77,8 +86,22 @@ class Task:
                 epoch = make_algorithm_config(algo, self.algo_overrides.get(algo, {})).images_per_epoch
                 for budget in self.budgets:
                     check_budget(budget, epoch, f"{algo} budget", f"[algo_overrides.{algo}] images_per_epoch = N")
+            self._check_test_seeds()
         except (TypeError, ValueError) as e:
             raise type(e)(f"task {self.name!r}: {e}") from None
+
+    def _check_test_seeds(self) -> None:
+        """The test set (eval set, best-of-N candidates) must share no noise seed with the validation probe set."""
+        def seeds(start, n, batch):
+            return set(range(start, start + math.ceil(n / min(batch, n))))
+
+        probe = seeds(PROBE_SEED, self.probe_images, PROBE_BATCH)
+        starts = [self.eval_seed] + [self.eval_seed + 10_000 * j for j in range(1, max(self.best_of_n, default=0) + 1)]
+        shared = sorted(probe & set().union(*(seeds(s, self.eval_images, 250) for s in starts)))
+        if shared:
+            raise ValueError(f"eval_seed={self.eval_seed}: the test set's noise seeds include {shared}, which the "
+                             f"validation probe set (seed {PROBE_SEED}) uses; expected an eval_seed whose test "
+                             "batches avoid them (e.g. the default 0)")
 
 
 def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = None) -> list[Task]:
@@ -150,6 +173,17 @@ class Comparison:
                          "best_of_n": n, **row})
         return rows
 
+    def probe_reference_rows(self, task: Task) -> list[dict]:
+        """CFG over `cfg_scales` on the validation probe set (the trainer's probe protocol): the curves' reference."""
+        if not has_curves(task):
+            return []
+        rows = []
+        for w in task.cfg_scales:
+            row = self._cached(f"{task.name}/probe_cfg_{w:g}",
+                               lambda: entry_metrics(eval_probe(task, task.model, w), task))
+            rows.append({"task": task.name, "entry": f"cfg w={w:g}", "kind": "cfg_probe", "guidance_scale": w, **row})
+        return rows
+
     def run_dir(self, task: Task, algo: str, seed: int) -> Path:
         return self.out / "runs" / safe_name(task.name, "task name") / safe_name(algo, "algo") / f"seed{int(seed)}"
 
@@ -167,7 +201,7 @@ class Comparison:
             self.bar.set_postfix_str(f"training {algo} seed{seed} to {budget} images")
             cfg = TrainConfig(algo=algo, model=task.model, reward=task.reward, images=budget, out=str(run),
                               seed=seed, num_steps=task.num_steps, grid_every=0, progress=self.progress,
-                              probe_every=task.probe_every, probe_images=task.probe_images,
+                              probe_every=task.probe_every, probe_images=task.probe_images, keep_probe_loras=True,
                               algo_overrides=dict(task.algo_overrides.get(algo, {})))
             Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
             shutil.copyfile(run / LORA, snap)
@@ -239,22 +273,60 @@ class Comparison:
                         return entry_metrics(eval_model(task, backend, 1.0), task)
 
                     row = self._cached(f"{task.name}/{algo}/s{seed}/b{budget}", compute)
-                    seen = [r for r in train_log if float(r["images_seen"]) <= budget]
-                    rows.append({"task": task.name, "entry": f"{algo} @{budget}", "kind": "rl", "algo": algo,
-                                 "guidance_scale": 1.0, "budget": budget, "seed": seed,
-                                 "train_wall_s": float(seen[-1]["wall_time_s"]) if seen else math.nan,
-                                 "overoptimisation": flag, **row})
+                    rows.append(run_row(task, algo, seed, f"{algo} @{budget}", "rl", budget, train_log, flag, row))
+                rows += self.selected_rows(task, algo, seed, train_log, flag)
         return rows
 
+    def selected_rows(self, task: Task, algo: str, seed: int, train_log: list[dict], flag: str) -> list[dict]:
+        """The run's reported model: the checkpoint `curves.select_checkpoint` picks from the validation probe rows
+        alone (those whose LoRA was kept), then evaluated once on the test set. None for a run without probes."""
+        from agents.trainer import PROBE_LORA
+        from diffenv.models import load_tuned_backend
+
+        protocol, run = task_protocol(task.model), self.run_dir(task, algo, seed)
+        if protocol is None:
+            return []
+        curve = [p for p in probe_curve(train_log, "probe_judge_accuracy", f"probe_{protocol.diversity}")
+                 if (run / PROBE_LORA.format(images=int(p.images))).is_file()]
+        if not curve:
+            return []
+        images = int(select_checkpoint(curve, protocol.diversity_lower_is_better).images)
+
+        def compute():
+            backend = load_tuned_backend(task.model, run / PROBE_LORA.format(images=images))
+            return entry_metrics(eval_model(task, backend, 1.0), task)
+
+        row = self._cached(f"{task.name}/{algo}/s{seed}/selected_{images}", compute)
+        return [run_row(task, algo, seed, f"{algo} selected", "selected", images, train_log, flag, row)]
+
     def run(self) -> list[dict]:
-        rows = []
+        """Every task's entries (the rows of results.csv); the CFG probe-set references go to the report only."""
+        rows, probe_rows = [], []
         for task in tqdm(self.tasks, desc="tasks", disable=not self.progress):
-            entries = len(task.cfg_scales) + len(task.best_of_n) + len(task.algos) * len(task.seeds) * len(task.budgets)
+            probing = has_curves(task)
+            selected = probing * sum(a in ALGORITHMS for a in task.algos) * len(task.seeds)
+            entries = (len(task.cfg_scales) * (1 + probing) + len(task.best_of_n)
+                       + len(task.algos) * len(task.seeds) * len(task.budgets) + selected)
             with tqdm(total=entries, desc=task.name, unit="entry", disable=not self.progress) as self.bar:
                 rows += self.baseline_rows(task)
+                probe_rows += self.probe_reference_rows(task)
                 rows += self.rl_rows(task)
-        write_outputs(rows, self.tasks, self.out)
+        write_outputs(rows, self.tasks, self.out, probe_rows)
         return rows
+
+
+def run_row(task: Task, algo: str, seed: int, entry: str, kind: str, images: int, train_log: list[dict], flag: str,
+            metrics: dict) -> dict:
+    """results.csv's row of a trained model (guidance 1) after `images` images of one run."""
+    seen = [r for r in train_log if float(r["images_seen"]) <= images]
+    return {"task": task.name, "entry": entry, "kind": kind, "algo": algo, "guidance_scale": 1.0, "budget": images,
+            "seed": seed, "train_wall_s": float(seen[-1]["wall_time_s"]) if seen else math.nan,
+            "overoptimisation": flag, **metrics}
+
+
+def has_curves(task: Task) -> bool:
+    """Whether the task gets learning curves: probes on, a trainer algorithm to probe, a task protocol to score."""
+    return bool(task.probe_every) and any(a in ALGORITHMS for a in task.algos) and task_protocol(task.model) is not None
 
 
 # ---------------------------------------------------------------------- logs and flags

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.benchmark.evaluation import DIGITS, SHAPES, TaskProtocol, eval_model, task_protocol
+from agents.benchmark.curves import images_to_reach, probe_curve, summarise
+from agents.benchmark.evaluation import DIGITS, PROBE_SEED, SHAPES, TaskProtocol, eval_model, task_protocol
 
 #: every metric a row may carry: the generic ones, then each task protocol's columns
 METRICS = list(dict.fromkeys(["reward_mean", "nfe_per_image", "ms_per_image",
@@ -66,8 +67,8 @@ def _ranker(protocol: TaskProtocol):
 def headline(agg: list[dict], task: str, protocol: TaskProtocol = DIGITS) -> list[str]:
     """Best CFG vs best RL model, and the budget each algorithm needed to reach CFG's judge accuracy.
 
-    Measured on the full eval set at the configured budgets (coarse but honest); the trainer's probe set
-    (200 images) is too small to resolve a crossing, so it only feeds the over-optimisation flags.
+    Measured on the test (eval) set at the configured budgets: coarse, and choosing the budget on the test set;
+    `sample_efficiency` measures the same question on the validation learning curves.
     """
     cfg = [r for r in agg if r["task"] == task and r["kind"] == "cfg"]
     rl = [r for r in agg if r["task"] == task and r["kind"] == "rl"]
@@ -92,7 +93,50 @@ def headline(agg: list[dict], task: str, protocol: TaskProtocol = DIGITS) -> lis
     return lines
 
 
-def write_outputs(rows: list[dict], tasks, out: Path) -> None:
+def run_curves(task, algo: str, out: Path, protocol: TaskProtocol) -> dict[int, list]:
+    """seed -> the run's validation probe curve (`curves.CurvePoint`s; empty for a run without probes)."""
+    return {seed: probe_curve(read_log(out / "runs" / task.name / algo / f"seed{seed}" / "log.csv"),
+                              "probe_judge_accuracy", f"probe_{protocol.diversity}") for seed in task.seeds}
+
+
+def best_probe_cfg(probe_rows: list[dict], task: str, protocol: TaskProtocol) -> dict | None:
+    """CFG's best point on the validation probe set (the ranking of `headline`), or None."""
+    cfg = [r for r in probe_rows if r["task"] == task and not math.isnan(_num(r, "judge_accuracy"))]
+    return max(cfg, key=_ranker(protocol)) if cfg else None
+
+
+def sample_efficiency(task, protocol: TaskProtocol, probe_rows: list[dict], rows: list[dict], out: Path) -> list[str]:
+    """results.md's learning-curve section: per algorithm, the images its runs need to reach CFG's best point on the
+    validation probe set at no worse diversity (`curves.images_to_reach`), mean ± 95 % CI over the seeds that reach
+    it, and each seed's checkpoint selected on the probe set (`curves.select_checkpoint`)."""
+    target = best_probe_cfg(probe_rows, task.name, protocol)
+    if target is None:
+        return []
+    div, lower = protocol.diversity, protocol.diversity_lower_is_better
+    lines = [f"### Learning curves (validation probe set: {task.probe_images} images, seed {PROBE_SEED}, every "
+             f"{task.probe_every} epochs)", "",
+             f"Target: CFG's best point on the probe set, `{target['entry']}`: judge acc "
+             f"{target['judge_accuracy']:.3f}, {div} {target[div]:.3f}. Images to reach = the first probe with judge "
+             f"accuracy ≥ the target at {div} no worse, interpolated linearly from the probe before it; mean ± 95 % "
+             "CI (Student t) over the seeds that reach it. The selected checkpoint (the last on the run's validation "
+             "Pareto front of judge accuracy vs diversity) is the `<algo> selected` entry above, on the test set.",
+             "", "| algo | reached | images to reach | selected checkpoint (images, per seed) |", "|---|---|---|---|"]
+    for algo in task.algos:
+        curves = run_curves(task, algo, out, protocol)
+        if not any(curves.values()):
+            lines.append(f"| {algo} | – | no probe curve | – |")
+            continue
+        stats = summarise([images_to_reach(c, target["judge_accuracy"], target[div], lower) if c else None
+                           for c in curves.values()])
+        chosen = {r["seed"]: r["budget"] for r in rows
+                  if r["task"] == task.name and r.get("kind") == "selected" and r.get("algo") == algo}
+        lines.append(f"| {algo} | {stats.reached}/{stats.n} | {stats} | "
+                     + ", ".join(f"seed {s}: {chosen.get(s, '–')}" for s in task.seeds) + " |")
+    return lines + [""]
+
+
+def write_outputs(rows: list[dict], tasks, out: Path, probe_rows: list[dict] = ()) -> None:
+    """results.csv and .md and the plots; `probe_rows`: CFG on the validation probe set (the curves' reference)."""
     out = Path(out)
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -115,8 +159,11 @@ def write_outputs(rows: list[dict], tasks, out: Path) -> None:
             lines.append(f"| {r['entry']} | {r['seeds']} | " + " | ".join(_fmt(r, m) for m, _ in columns)
                          + f" | {r['overoptimisation'] or ''} |")
         lines.append("")
+        if protocol is not None:
+            lines += sample_efficiency(task, protocol, list(probe_rows), rows, out)
     (out / "results.md").write_text("\n".join(lines))
     plot_training_curves(tasks, out)
+    plot_probe_curves(tasks, out, list(probe_rows))
     plot_frontier(agg, tasks, out)
     plot_grids(agg, tasks, out)
 
@@ -146,6 +193,42 @@ def plot_training_curves(tasks, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_probe_curves(tasks, out: Path, probe_rows: list[dict]) -> None:
+    """`curves_<task>.png`: probe judge accuracy and diversity vs images per algorithm (mean over seeds, at the
+    images every seed probed), CFG's points on the same probe set as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for task in tasks:
+        protocol = task_protocol(task.model)
+        cfg = sorted((r for r in probe_rows if r["task"] == task.name), key=lambda r: r["guidance_scale"])
+        if protocol is None or not cfg:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, key, label in ((axes[0], "score", "probe judge accuracy"),
+                               (axes[1], "diversity", f"probe {protocol.diversity_label}")):
+            metric = "judge_accuracy" if key == "score" else protocol.diversity
+            for i, r in enumerate(cfg):
+                ax.axhline(r[metric], color="k", ls=":", lw=0.8, alpha=0.4 + 0.6 * i / max(len(cfg) - 1, 1))
+                ax.annotate(r["entry"], (0, r[metric]), xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
+            for algo in task.algos:
+                curves = [c for c in run_curves(task, algo, out, protocol).values() if c]
+                if not curves:
+                    continue
+                by_images = [{p.images: getattr(p, key) for p in c} for c in curves]
+                xs = sorted(set.intersection(*(set(c) for c in by_images)))
+                y = np.array([[c[x] for x in xs] for c in by_images])
+                ax.plot(xs, y.mean(0), "-o", ms=3, label=f"{algo} (mean of {len(curves)} seeds)")
+            ax.set(title=task.name, xlabel="images generated", ylabel=label)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"curves_{task.name}.png", dpi=110)
+        plt.close(fig)
+
+
 def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
     import matplotlib
 
@@ -170,8 +253,10 @@ def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
             for r in (r for r in rows if r["kind"] == "best_of_n"):
                 ax.plot(r[xm], r[ym], "s", label=r["entry"])
             for algo in task.algos:
-                pts = sorted((r for r in rows if r["algo"] == algo), key=lambda r: r["budget"])
-                ax.plot([r[xm] for r in pts], [r[ym] for r in pts], "-^", label=f"{algo} (budgets)")
+                pts = sorted((r for r in rows if r["algo"] == algo and r["kind"] == "rl"), key=lambda r: r["budget"])
+                line, = ax.plot([r[xm] for r in pts], [r[ym] for r in pts], "-^", label=f"{algo} (budgets)")
+                for r in (r for r in rows if r["algo"] == algo and r["kind"] == "selected"):
+                    ax.plot(r[xm], r[ym], "*", ms=10, color=line.get_color(), label=f"{algo} (selected)")
             ax.set(title=task.name, xlabel=xl, ylabel=yl)
             ax.legend(fontsize=7)
     fig.tight_layout()

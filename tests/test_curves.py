@@ -1,0 +1,194 @@
+"""Learning curves and checkpoint selection (issue #12): interpolation on synthetic curves, the CI over seeds, and a
+selection that never reads the test set."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+
+from agents.benchmark.curves import (CurvePoint, images_to_reach, pareto_front, probe_curve, select_checkpoint,
+                                     summarise)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = {"images_per_epoch": 8, "group_size": 4, "minibatch_size": 8}
+
+
+def curve(*points) -> list[CurvePoint]:
+    return [CurvePoint(*p) for p in points]
+
+
+# ------------------------------------------------------------------ images to reach
+def test_reached_is_interpolated_between_the_probe_before_and_the_first_at_the_target():
+    c = curve((64, 0.5, 10.0), (128, 0.7, 10.0), (192, 0.9, 10.0))
+    assert images_to_reach(c, 0.8, 12.0, lower_is_better=True) == pytest.approx(160.0)
+    assert images_to_reach(c, 0.9, 12.0, lower_is_better=True) == pytest.approx(192.0)  # exactly at a probe
+    assert images_to_reach(c, 0.4, 12.0, lower_is_better=True) == 64.0  # at the first probe: nothing before it
+    assert images_to_reach(list(reversed(c)), 0.8, 12.0, lower_is_better=True) == pytest.approx(160.0)
+
+
+def test_not_reached():
+    c = curve((64, 0.5, 10.0), (128, 0.9, 10.0))
+    assert images_to_reach(c, 0.95, 12.0, lower_is_better=True) is None
+    assert images_to_reach(c, 0.8, 9.0, lower_is_better=True) is None  # the score, never at that diversity
+    assert images_to_reach([], 0.8, 9.0, lower_is_better=True) is None
+
+
+def test_non_monotone_curves_count_their_first_crossing():
+    c = curve((64, 0.5, 1.0), (128, 0.9, 1.0), (192, 0.6, 1.0), (256, 0.95, 1.0))
+    assert images_to_reach(c, 0.8, 1.0, lower_is_better=True) == pytest.approx(112.0)  # not the crossing at 256
+
+
+def test_diversity_must_be_no_worse_than_the_targets():
+    # lower is better (FD): the score is reached at 128 but FD 15 > 12; at 192 both hold. On the segment the score
+    # holds throughout and FD falls 15 -> 11, crossing 12 three quarters of the way: 176 images
+    c = curve((64, 0.5, 10.0), (128, 0.9, 15.0), (192, 0.95, 11.0))
+    assert images_to_reach(c, 0.8, 12.0, lower_is_better=True) == pytest.approx(176.0)
+    # higher is better (within-prompt distance): the mirror image
+    c = curve((64, 0.5, 0.30), (128, 0.9, 0.10), (192, 0.95, 0.26))
+    assert images_to_reach(c, 0.8, 0.22, lower_is_better=False) == pytest.approx(176.0)
+    # the later condition decides: score crosses 0.8 at 25 % of the segment, diversity at 75 %
+    c = curve((0, 0.7, 0.0), (100, 1.1, 1.0))
+    assert images_to_reach(c, 0.8, 0.75, lower_is_better=False) == pytest.approx(75.0)
+    assert images_to_reach(c, 1.0, 0.25, lower_is_better=False) == pytest.approx(75.0)
+    # NaN diversity is never "no worse"
+    assert images_to_reach(curve((64, 0.9, math.nan)), 0.8, 1.0, lower_is_better=True) is None
+
+
+# ------------------------------------------------------------------ mean ± 95 % CI over seeds
+def test_student_t_interval_on_known_values():
+    s = summarise([100.0, 200.0, 300.0])
+    # mean 200, sd 100, t(0.975, 2) = 4.302653: half-width 4.302653 * 100 / sqrt(3)
+    assert (s.n, s.reached, s.mean) == (3, 3, 200.0)
+    assert s.half_width == pytest.approx(4.302653 * 100 / math.sqrt(3), rel=1e-6)
+    assert str(s) == "200 ± 248"
+    assert summarise([5.0] * 30).half_width == 0.0
+
+
+def test_not_reached_seeds_are_counted_never_averaged_in():
+    s = summarise([100.0, None, 300.0])
+    assert (s.n, s.reached, s.mean) == (3, 2, 200.0)
+    assert s.half_width == pytest.approx(12.706205 * 100 * math.sqrt(2) / math.sqrt(2), rel=1e-6)
+    assert "the 2 that reached it" in str(s)
+    one = summarise([None, 150.0])
+    assert one.reached == 1 and math.isnan(one.half_width) and str(one) == "150 (the 1 that reached it)"
+    none = summarise([None, None, None])
+    assert none.reached == 0 and math.isnan(none.mean) and str(none) == "not reached"
+
+
+# ------------------------------------------------------------------ checkpoint selection
+def test_selection_is_the_last_checkpoint_on_the_validation_pareto_front():
+    c = curve((64, 0.80, 10.0), (128, 0.90, 12.0), (192, 0.85, 13.0))  # 192 is worse than 128 on both axes
+    assert pareto_front(c, lower_is_better=True) == c[:2]
+    assert select_checkpoint(c, lower_is_better=True) == c[1]
+    c = curve((64, 0.80, 0.30), (128, 0.90, 0.20), (192, 0.95, 0.10))  # a trade-off: all on the front
+    assert select_checkpoint(c, lower_is_better=False) == c[2]
+    c = curve((64, 0.90, 0.30), (128, 0.90, 0.30))  # equal points: the later one
+    assert select_checkpoint(c, lower_is_better=False) == c[1]
+    assert select_checkpoint(curve((64, 0.9, math.nan), (128, 0.5, 1.0)), lower_is_better=True).images == 128
+    with pytest.raises(ValueError, match="no probe point"):
+        select_checkpoint([], lower_is_better=True)
+
+
+def test_selection_sees_only_validation_points():
+    assert list(inspect.signature(select_checkpoint).parameters) == ["validation", "lower_is_better"]
+    rows = [{"epoch": "1", "images_seen": "8", "probe_judge_accuracy": "0.5", "probe_fd": "3.0"},
+            {"epoch": "2", "images_seen": "16", "probe_judge_accuracy": "", "probe_fd": ""},
+            {"epoch": "3", "images_seen": "24", "probe_judge_accuracy": "0.75", "probe_fd": "2.5"}]
+    assert probe_curve(rows, "probe_judge_accuracy", "probe_fd") == curve((8, 0.5, 3.0), (24, 0.75, 2.5))
+
+
+# ------------------------------------------------------------------ the trainer and compare
+def test_trainer_keeps_probe_loras_and_resumes_exactly(tmp_path):
+    from agents.trainer import TrainConfig, Trainer
+
+    def config(out, images):
+        return TrainConfig(algo="grpo", model="digits-flow", num_steps=2, images=images, out=str(out), seed=0,
+                           progress=False, grid_every=0, probe_every=2, probe_images=20, keep_probe_loras=True,
+                           algo_overrides=SMALL)
+
+    Trainer(config(tmp_path / "a", 32)).train()
+    Trainer(config(tmp_path / "b", 16)).train()
+    Trainer(config(tmp_path / "b", 32), resume=True).train()
+    kept = sorted(p.name for p in (tmp_path / "a").glob("lora_probe_*"))
+    assert kept == ["lora_probe_16.safetensors", "lora_probe_32.safetensors", "lora_probe_8.safetensors"]
+    for name in kept:  # probes at epoch 1 and every 2nd epoch, bit-identical across the resume
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "lora_probe_32.safetensors").read_bytes() == (tmp_path / "a" / "lora.safetensors"
+                                                                           ).read_bytes()
+    off = TrainConfig(algo="grpo", model="digits-flow", num_steps=2, images=8, out=str(tmp_path / "c"),
+                      progress=False, grid_every=0, probe_every=1, probe_images=20, algo_overrides=SMALL)
+    Trainer(off).train()
+    assert not list((tmp_path / "c").glob("lora_probe_*")), "off by default"
+
+
+def tiny_task(**kw):
+    from agents.benchmark.compare import Task
+
+    return Task(**{**dict(name="t", model="digits-flow", num_steps=2, algos=["grpo"], budgets=[16, 32], seeds=[0, 1],
+                          cfg_scales=[1.0, 2.0], best_of_n=[2], eval_images=20, probe_every=1, probe_images=20,
+                          algo_overrides={"grpo": SMALL}), **kw})
+
+
+def test_cfg_probe_points_use_the_trainers_probe_protocol(tmp_path):
+    """The base model (zero LoRA) through the trainer's probe and compare's CFG probe at w = 1: the same numbers."""
+    from agents.benchmark.evaluation import entry_metrics, eval_probe
+    from agents.trainer import TrainConfig, Trainer
+
+    task = tiny_task()
+    trainer = Trainer(TrainConfig(algo="grpo", model=task.model, num_steps=task.num_steps, images=8,
+                                  out=str(tmp_path), progress=False, probe_images=task.probe_images,
+                                  algo_overrides=SMALL))
+    try:
+        probe = trainer.probe()
+    finally:
+        trainer.folder.release()
+    cfg = entry_metrics(eval_probe(task, task.model, 1.0), task)
+    for k in ("reward", "judge_accuracy", "judge_log_prob", "fd"):
+        assert probe[f"probe_{k}"] == pytest.approx(cfg["reward_mean" if k == "reward" else k], rel=1e-5), k
+
+
+def test_test_set_must_not_share_noise_seeds_with_the_probe_set():
+    with pytest.raises(ValueError, match=r"eval_seed=999: the test set's noise seeds include \[999\]"):
+        tiny_task(eval_seed=999).validate()
+    tiny_task(eval_seed=998).validate()  # 20 test images: one batch, seed 998
+    with pytest.raises(ValueError, match=r"noise seeds include \[999\]"):  # 300 images: batches 998 and 999
+        tiny_task(eval_seed=998, eval_images=300).validate()
+
+
+def test_compare_evaluates_only_the_selected_probe_checkpoint_on_the_test_set(tmp_path, monkeypatch):
+    import csv
+
+    import diffenv.models
+    from agents.benchmark.compare import Comparison
+    from agents.benchmark.report import read_log
+
+    loaded = []
+    real = diffenv.models.load_tuned_backend
+
+    def record(model, lora, *a, **k):
+        loaded.append(lora.name)
+        return real(model, lora, *a, **k)
+
+    monkeypatch.setattr(diffenv.models, "load_tuned_backend", record)  # compare's test-set evaluations of LoRAs
+    task = tiny_task()
+    Comparison([task], tmp_path, progress=False).run()
+    runs = tmp_path / "runs" / "t" / "grpo"
+    expected = []
+    for seed in task.seeds:
+        assert len(list((runs / f"seed{seed}").glob("lora_probe_*"))) == 4  # every probe's checkpoint is kept ...
+        chosen = select_checkpoint(probe_curve(read_log(runs / f"seed{seed}" / "log.csv"), "probe_judge_accuracy",
+                                               "probe_fd"), lower_is_better=True)
+        expected += ["lora_16.safetensors", "lora_32.safetensors", f"lora_probe_{int(chosen.images)}.safetensors"]
+    assert loaded == expected  # ... and only the one chosen on the probe rows reaches the test set, once
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["budget"] for r in rows if r["kind"] == "selected"] == [e.split("_")[-1].split(".")[0]
+                                                                       for e in expected[2::3]]
+    assert not [r for r in rows if r["kind"] == "cfg_probe"], "the probe (validation) rows stay out of the results"
+    md = (tmp_path / "results.md").read_text()
+    assert "| algo | reached | images to reach |" in md and "| grpo | " in md
+    assert (tmp_path / "curves_t.png").is_file()
+    loaded.clear()
+    Comparison([task], tmp_path, progress=False).run()  # cached: nothing is evaluated again
+    assert loaded == []
