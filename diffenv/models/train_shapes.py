@@ -5,7 +5,9 @@
     python -m diffenv.models.train_shapes                 # both, then writes the pipeline folder
 
 Data are rendered on the fly by `rewards.shapes_task` from the *training* prompt split only (the held-out
-binding/relation prompts are never seen), prompts drawn uniformly over the four prompt kinds.
+binding/relation prompts are never seen), prompts drawn uniformly over the four prompt kinds. The defaults are the
+shipped model's recipe, including 10 % caption noise (`noisy_captions`: the web-caption analogue that makes CFG
+needed; docs/design.md §11 has the ladder that led to it).
 
 - VAE (Kingma & Welling 2014; the SD autoencoder in miniature): 3 encoder/decoder levels, MSE + β·KL,
   fresh images every step; `scaling_factor` = 1 / std of the training latents, as SD sets it.
@@ -292,7 +294,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", choices=("vae", "unet", "assemble", "all"), default="all",
                    help="what to train ('assemble' only rewrites the pipeline folder from --work)")
-    p.add_argument("--vae-steps", type=int, default=1500, help="autoencoder optimizer steps")
+    p.add_argument("--vae-steps", type=int, default=1200, help="autoencoder optimizer steps")
     p.add_argument("--vae-batch-size", type=int, default=64, help="autoencoder batch size")
     p.add_argument("--unet-steps", type=int, default=4000, help="UNet + text encoder optimizer steps")
     p.add_argument("--unet-batch-size", type=int, default=128, help="UNet batch size")
@@ -302,7 +304,7 @@ def main(argv=None) -> None:
                    help="UNet block_out_channels (two levels; each a multiple of 32)")
     p.add_argument("--device", default="cpu", help="torch device of the UNet stage (data and noise are drawn on "
                    "the CPU, so only float rounding differs between devices)")
-    p.add_argument("--caption-noise", type=float, default=0.0,
+    p.add_argument("--caption-noise", type=float, default=0.1,
                    help="share of training captions replaced by a random training prompt (web-caption noise)")
     p.add_argument("--prompt-dropout", type=float, default=0.1, help="probability of the empty prompt (CFG)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and noise")
