@@ -262,7 +262,7 @@ class Trainer:
         return rows
 
     @torch.no_grad()
-    def evaluate(self, n: int, seed: int = 12345, batch_size: int = 256):
+    def evaluate(self, n: int, seed: int = 12345, batch_size: int = 256, condition_repeats: int | None = None):
         """Mean reward of the current (adapted) model, fixed seeds, with the model's *default* sampler
         (not the algorithm's rollout sampler, e.g. FDFO's low churn), so algorithms compare fairly."""
         from diffenv.sampling import generate
@@ -270,16 +270,17 @@ class Trainer:
         result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward, model=self.policy.backend,
                           num_steps=self.policy.num_steps, guidance_scale=self.cfg.guidance_scale,
                           device=self.policy.device, condition_set=self.cfg.conditions,
-                          progress=self.cfg.progress and self.dist.is_main and n > batch_size)
+                          condition_repeats=condition_repeats, progress=self.cfg.progress and self.dist.is_main and n > batch_size)
         return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item(),
                 "result": result}
 
     def probe(self) -> dict[str, float]:
         """Reward, and where the model's task has them (`agents.benchmark.evaluation.task_metrics`: digits, shapes)
         the held-out judge and diversity, on the fixed probe set."""
-        from agents.benchmark.evaluation import PROBE_BATCH, PROBE_SEED, task_metrics
+        from agents.benchmark.evaluation import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED, task_metrics
 
-        result = self.evaluate(self.cfg.probe_images, seed=PROBE_SEED, batch_size=PROBE_BATCH)["result"]
+        result = self.evaluate(self.cfg.probe_images, seed=PROBE_SEED, batch_size=PROBE_BATCH,
+                               condition_repeats=PROBE_REPEATS)["result"]
         row = {"probe_reward": result.rewards.mean().item()}
         metrics = task_metrics(getattr(self.policy.backend, "name", ""))
         if metrics is not None:

@@ -65,14 +65,28 @@ def balanced_conditions(n: int, condition_ids: list[int]) -> torch.Tensor:
     return ids[torch.arange(n) % len(ids)]
 
 
+def repeated_conditions(n: int, condition_ids: list[int], repeats: int, seed: int) -> torch.Tensor:
+    """Conditions for n images over at most n // repeats distinct ones, cycling, so each gets ≥ `repeats` images
+    (per-condition diversity is defined): the whole set when it is that small (then = `balanced_conditions`),
+    else a fixed seeded choice from it (e.g. 50 of the `shapes` model's 1,155 training prompts for 200 images). [n]"""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    ids = torch.as_tensor(condition_ids, dtype=torch.long)
+    k = max(1, n // repeats)
+    if len(ids) > k:
+        ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:k].sort().values]
+    return balanced_conditions(n, ids.tolist())
+
+
 def generate(n: int, *, batch_size: int = 250, seed: int = 0, conditions: torch.Tensor | None = None,
-             condition_set=None, progress: bool = False, env=None, warmup: bool = False,
-             **env_kwargs: Any) -> GenerationResult:
+             condition_set=None, condition_repeats: int | None = None, progress: bool = False, env=None,
+             warmup: bool = False, **env_kwargs: Any) -> GenerationResult:
     """Generate `n` images with the base sampler (noise mode, ε ~ N(0, I)) and score them.
 
     Batch j uses seed `seed + j`, so a run is reproducible for a fixed `batch_size`.
     `conditions` [n] fixes every image's condition; otherwise the images cycle through `condition_set`
-    (the env's `conditions`: ids or split names; None = all), so each condition gets n / |set| images.
+    (the env's `conditions`: ids or split names; None = all), so each condition gets n / |set| images, or with
+    `condition_repeats=r` through at most n // r of them (`repeated_conditions`, seeded by `seed`).
     `env_kwargs` go to `DiffusionSteerVectorEnv` (model, reward, num_steps, guidance_scale, ...).
     `warmup=True` runs one untimed episode first, so `wall_time_s` excludes first-call costs.
     """
@@ -88,7 +102,9 @@ def generate(n: int, *, batch_size: int = 250, seed: int = 0, conditions: torch.
     elif env_kwargs or condition_set is not None:
         raise ValueError(f"pass either env or env kwargs, not both (got {sorted(env_kwargs) or ['condition_set']})")
     batch = env.num_envs
-    if conditions is None:
+    if conditions is None and condition_repeats is not None:
+        conditions = repeated_conditions(n, env.condition_set.tolist(), condition_repeats, seed)
+    elif conditions is None:
         conditions = balanced_conditions(n, env.condition_set.tolist())
     conditions = torch.as_tensor(conditions, dtype=torch.long)
     if conditions.shape != (n,):

@@ -7,6 +7,7 @@ import inspect
 import math
 
 import pytest
+import torch
 
 from agents.benchmark.curves import (CurvePoint, images_to_reach, pareto_front, probe_curve, select_checkpoint,
                                      summarise)
@@ -192,3 +193,23 @@ def test_compare_evaluates_only_the_selected_probe_checkpoint_on_the_test_set(tm
     loaded.clear()
     Comparison([task], tmp_path, progress=False).run()  # cached: nothing is evaluated again
     assert loaded == []
+
+
+def test_probe_conditions_repeat_so_per_prompt_diversity_is_defined():
+    """A probe of 200 images over the 1,155 `shapes` training prompts would give each prompt at most one image and a
+    NaN within-prompt distance; the probe draws ≤ n // PROBE_REPEATS prompts (seeded) instead. Small sets (digits'
+    10 classes) keep the plain balanced cycle."""
+    from agents.benchmark.evaluation import PROBE_REPEATS, PROBE_SEED
+    from diffenv.sampling import balanced_conditions, repeated_conditions
+
+    assert torch.equal(repeated_conditions(200, list(range(10)), PROBE_REPEATS, PROBE_SEED),
+                       balanced_conditions(200, list(range(10))))
+    ids = list(range(3, 1158))
+    c = repeated_conditions(200, ids, PROBE_REPEATS, PROBE_SEED)
+    counts = torch.bincount(c)
+    assert len(c) == 200 and int((counts > 0).sum()) == 50 and int(counts[counts > 0].min()) == PROBE_REPEATS
+    assert set(c.tolist()) <= set(ids)
+    assert torch.equal(c, repeated_conditions(200, ids, PROBE_REPEATS, PROBE_SEED))
+    assert not torch.equal(c, repeated_conditions(200, ids, PROBE_REPEATS, PROBE_SEED + 1))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        repeated_conditions(10, ids, 0, 0)

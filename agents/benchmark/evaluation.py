@@ -205,16 +205,17 @@ def eval_model(task, model, guidance_scale: float = 1.0):
                     condition_set=task.eval_conditions)
 
 
-#: the validation probe set (docs/design.md §6): the trainer's probes and compare's CFG reference points on it
-PROBE_SEED, PROBE_BATCH = 999, 256
+#: the validation probe set (docs/design.md §6): the trainer's probes and compare's CFG reference points on it;
+#: every probed condition gets ≥ PROBE_REPEATS images, so within-prompt diversity is defined on `shapes`
+PROBE_SEED, PROBE_BATCH, PROBE_REPEATS = 999, 256, 4
 
 
 def eval_probe(task, model, guidance_scale: float = 1.0):
     """The validation probe set, as `agents.trainer.Trainer.probe` samples it (`task.probe_images` images, seed
     `PROBE_SEED` in batches of `PROBE_BATCH`, the model's default sampler and condition set, which compare's runs
     train on), from `model` at `guidance_scale`: the test set (`eval_model`) shares none of its noise."""
-    return generate(task.probe_images, batch_size=PROBE_BATCH, seed=PROBE_SEED, model=model, reward=task.reward,
-                    num_steps=task.num_steps, guidance_scale=guidance_scale)
+    return generate(task.probe_images, batch_size=PROBE_BATCH, seed=PROBE_SEED, condition_repeats=PROBE_REPEATS,
+                    model=model, reward=task.reward, num_steps=task.num_steps, guidance_scale=guidance_scale)
 
 
 def eval_best_of_n(task, n_candidates: int):
