@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from agents.algos import ALGORITHMS, make_algorithm_config
 from agents.benchmark.curves import probe_curve, select_checkpoint
-from agents.benchmark.evaluation import (PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model, eval_probe,
-                                         task_protocol)
+from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model,
+                                         eval_probe, task_protocol)
 from agents.benchmark.report import read_log, write_outputs
 from agents.trainer import check_budget
 from diffenv.paths import safe_name
@@ -97,7 +97,7 @@ class Task:
 
         probe = seeds(PROBE_SEED, self.probe_images, PROBE_BATCH)
         starts = [self.eval_seed] + [self.eval_seed + 10_000 * j for j in range(1, max(self.best_of_n, default=0) + 1)]
-        shared = sorted(probe & set().union(*(seeds(s, self.eval_images, 250) for s in starts)))
+        shared = sorted(probe & set().union(*(seeds(s, self.eval_images, EVAL_BATCH) for s in starts)))
         if shared:
             raise ValueError(f"eval_seed={self.eval_seed}: the test set's noise seeds include {shared}, which the "
                              f"validation probe set (seed {PROBE_SEED}) uses; expected an eval_seed whose test "

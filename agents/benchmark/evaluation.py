@@ -197,10 +197,15 @@ def entry_metrics(result, task) -> dict[str, float]:
     return row
 
 
+#: the test set's batch size: batch j of the eval set (and of each best-of-N candidate set) uses seed start + j
+EVAL_BATCH = 250
+
+
 def eval_model(task, model, guidance_scale: float = 1.0):
     """The task's eval set (`agents.benchmark.compare.Task`: eval_images, eval_seed, eval_conditions, reward,
     num_steps, sampler) sampled from `model` (a name or a backend) at `guidance_scale`."""
-    return generate(task.eval_images, seed=task.eval_seed, model=model, reward=task.reward, warmup=True,
+    return generate(task.eval_images, batch_size=EVAL_BATCH, seed=task.eval_seed, model=model, reward=task.reward,
+                    warmup=True,
                     num_steps=task.num_steps, sampler=task.sampler, guidance_scale=guidance_scale,
                     condition_set=task.eval_conditions)
 
@@ -220,10 +225,10 @@ def eval_probe(task, model, guidance_scale: float = 1.0):
 
 def eval_best_of_n(task, n_candidates: int):
     """N candidates per image at guidance 1 (distinct seeds, same condition); keep the best by reward."""
-    env = DiffusionSteerVectorEnv(num_envs=min(250, task.eval_images), model=task.model, reward=task.reward,
+    env = DiffusionSteerVectorEnv(num_envs=min(EVAL_BATCH, task.eval_images), model=task.model, reward=task.reward,
                                   num_steps=task.num_steps, sampler=task.sampler, conditions=task.eval_conditions)
     cond = balanced_conditions(task.eval_images, env.condition_set.tolist())  # as every other entry
-    generate(min(250, task.eval_images), env=env, seed=task.eval_seed)  # warm-up, untimed
+    generate(min(EVAL_BATCH, task.eval_images), env=env, seed=task.eval_seed)  # warm-up, untimed
     start = time.perf_counter()
     runs = [generate(task.eval_images, env=env, seed=task.eval_seed + 10_000 * (j + 1), conditions=cond)
             for j in range(n_candidates)]

@@ -237,7 +237,8 @@ def train_unet(steps: int, batch_size: int, lr: float, prompt_dropout: float, em
     shape = (batch_size, *means.shape[1:])
     for step in bar:  # every random draw comes from the CPU generator, so the recipe is the same on any device
         idx = torch.randint(0, n_data, (batch_size,), generator=gen)
-        z0 = (means[idx.to(device)] + stds[idx.to(device)] * torch.randn(shape, generator=gen).to(device)) * scale
+        rows = idx.to(device)
+        z0 = (means[rows] + stds[rows] * torch.randn(shape, generator=gen).to(device)) * scale
         tokens = ids[idx].clone()
         tokens[torch.rand(batch_size, generator=gen) < prompt_dropout] = empty
         tokens = tokens.to(device)
