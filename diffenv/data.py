@@ -23,17 +23,31 @@ def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x, y = digits.images, digits.target
-    if split != "all":
-        x_tr, x_te, y_tr, y_te = train_test_split(
-            x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y
-        )
-        x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    rows = split_indices(split)
+    x, y = digits.images[rows], digits.target[rows]
     images = torch.as_tensor(x, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     return images, torch.as_tensor(y, dtype=torch.long)
+
+
+def split_indices(split: str = "train"):
+    """Row indices (numpy int array, in the split's order) of `split` in scikit-learn's `load_digits()`.
+
+    Lets a model record exactly which digits it saw (e.g. `digit_judge_indep` trains on the test split only).
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    y = load_digits().target
+    rows = np.arange(len(y))
+    if split == "all":
+        return rows
+    train, test = train_test_split(rows, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
+    return train if split == "train" else test
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

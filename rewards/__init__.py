@@ -17,7 +17,7 @@ from rewards.base import CallableReward, Reward
 from rewards.registry import factory, make, names, register
 
 # imported for their @register side effects, after the registry exists
-from rewards import classifier, clip, jpeg, ratings, shapes  # noqa: E402,F401  isort:skip
+from rewards import classifier, clip, independent_judge, jpeg, ratings, shapes  # noqa: E402,F401  isort:skip
 from rewards.combine import WeightedSum, as_reward  # noqa: E402  isort:skip
 
 __all__ = ["Reward", "CallableReward", "WeightedSum", "make", "register", "names", "factory", "as_reward"]

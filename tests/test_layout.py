@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("diffenv", "agents", "rewards")
 #: scripts inside `rewards/` that produce its weights or demo data by sampling the env: they may import
 #: `diffenv`, inside functions (`import rewards` itself never imports `diffenv`)
-REWARD_SCRIPTS = ("rewards.train_classifiers", "rewards.train_shapes_rewards", "rewards.ratings_demo")
+REWARD_SCRIPTS = ("rewards.train_classifiers", "rewards.train_independent_judge", "rewards.train_shapes_rewards",
+                  "rewards.ratings_demo")
 
 
 def module_name(path: Path) -> str:

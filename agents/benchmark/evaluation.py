@@ -7,6 +7,9 @@ For a set of generated images with their conditions:
 - `fd`: Fréchet distance (Heusel et al. 2017, eq. 6) to real digits in a fixed feature space — the
   judge's penultimate activations (96-d) — against all 1,797 scikit-learn digits;
 - `class_variance`: mean over classes of the per-pixel variance within the class (diversity);
+- `indep_accuracy`, `indep_fd`: the independent judge `digit_judge_indep` (other data, family and features than the
+  reward; rewards/independent_judge.py): its argmax accuracy, and the FD in its own 64-d features against the
+  1,437 train-split digits (real digits it never trained on);
 - `nfe_per_image`, `seconds_per_image` from the sampler.
 
 A task protocol (`TaskProtocol`, chosen by `task_protocol(model_name)`: digits, shapes) names a task's metrics and
@@ -73,8 +76,33 @@ def class_variance(images: torch.Tensor, conditions: torch.Tensor) -> float:
     return float(torch.stack(per_class).mean()) if per_class else float("nan")
 
 
+@lru_cache(maxsize=1)
+def _indep_judge():
+    return rewards.make("digit_judge_indep")
+
+
+@lru_cache(maxsize=1)
+def indep_reference_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian fit of the independent judge's features of the train split: real digits it never trained on."""
+    from diffenv.data import load_digits_split, to_unit
+
+    images, _ = load_digits_split("train")
+    with torch.no_grad():
+        return gaussian_stats(_indep_judge().network.features(to_unit(images)).double())
+
+
+def indep_metrics(images: torch.Tensor, conditions: torch.Tensor) -> dict[str, float]:
+    """`indep_accuracy` and `indep_fd` (module docstring) of images [N, 1, 8, 8] in [0, 1]."""
+    net = _indep_judge().network
+    with torch.no_grad():
+        acc = (net(images).argmax(1) == conditions).float().mean()  # the temperature does not move the argmax
+        mu, sigma = gaussian_stats(net.features(images).double())
+    return {"indep_accuracy": float(acc), "indep_fd": frechet_distance(mu, sigma, *indep_reference_stats())}
+
+
 def image_metrics(images: torch.Tensor, conditions: torch.Tensor) -> dict[str, float]:
-    """Judge accuracy / log-prob, FD and within-class variance of images [N, 1, 8, 8] in [0, 1]."""
+    """Judge accuracy / log-prob, FD, within-class variance and the independent judge's accuracy and FD of images
+    [N, 1, 8, 8] in [0, 1]."""
     judge = _judge()
     images, conditions = images.float().cpu(), conditions.long().cpu()
     with torch.no_grad():
@@ -83,7 +111,7 @@ def image_metrics(images: torch.Tensor, conditions: torch.Tensor) -> dict[str, f
     mu, sigma = gaussian_stats(judge_features(images))
     return {"judge_accuracy": float(acc), "judge_log_prob": float(log_p.mean()),
             "fd": frechet_distance(mu, sigma, *reference_stats()),
-            "class_variance": class_variance(images, conditions)}
+            "class_variance": class_variance(images, conditions), **indep_metrics(images, conditions)}
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -157,7 +185,8 @@ class TaskProtocol:
 
 DIGITS = TaskProtocol("digits", image_metrics,
                       (("judge_accuracy", "judge acc"), ("judge_log_prob", "judge log p"), ("fd", "FD ↓"),
-                       ("class_variance", "class var")),
+                       ("class_variance", "class var"), ("indep_accuracy", "indep acc"),
+                       ("indep_fd", "indep FD ↓")),
                       diversity="fd", diversity_label="FD to real digits (lower is better)",
                       diversity_lower_is_better=True)
 SHAPES = TaskProtocol("shapes", shapes_metrics,

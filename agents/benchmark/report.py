@@ -53,7 +53,7 @@ def _fmt(row: dict, m: str) -> str:
     mean, std = row[m], row[m + "_std"]
     if math.isnan(mean):
         return "–"
-    digits = 2 if m in ("fd", "ms_per_image", "nfe_per_image") else 3
+    digits = 2 if m in ("fd", "indep_fd", "ms_per_image", "nfe_per_image") else 3
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
 
 
@@ -91,6 +91,55 @@ def headline(agg: list[dict], task: str, protocol: TaskProtocol = DIGITS) -> lis
                      f"({target:.3f}, eval set, mean over seeds): "
                      + (f"{hits[0]} images" if hits else "not reached within the budgets"))
     return lines
+
+
+#: reward–judge agreement (docs/design.md §6): an RL entry whose reward rose by more than REWARD_GAIN over the
+#: unguided base (`cfg w=1`) must show at least JUDGE_SHARE of that gain in independent-judge accuracy, the gain
+#: capped by the judge's headroom (1 − base accuracy); its independent FD may grow at most INDEP_FD_RISE (+100 %)
+REWARD_GAIN, JUDGE_SHARE, INDEP_FD_RISE = 0.01, 0.25, 1.0
+BASE_ENTRY = "cfg w=1"
+
+
+def agreement_flags(row: dict, base: dict) -> list[str]:
+    """The reward–judge agreement flags of an aggregated RL row against the unguided base row (see REWARD_GAIN);
+    [] where either row lacks the independent judge's columns (a results.csv written before them)."""
+    reward_gain = row["reward_mean"] - base["reward_mean"]
+    judge_gain = row.get("indep_accuracy", math.nan) - base.get("indep_accuracy", math.nan)
+    flags = []
+    if reward_gain > REWARD_GAIN and judge_gain < JUDGE_SHARE * min(reward_gain, 1.0 - base["indep_accuracy"]):
+        flags.append(f"reward gain {reward_gain:+.3f} not matched by indep judge ({judge_gain:+.3f})")
+    fd, base_fd = row.get("indep_fd", math.nan), base.get("indep_fd", math.nan)
+    if fd > (1 + INDEP_FD_RISE) * base_fd:
+        flags.append(f"indep FD {base_fd:.2f}->{fd:.2f}")
+    return flags  # NaN comparisons are False: missing columns raise no flag
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks with ties given their mean rank (for Spearman's ρ)."""
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    for v in np.unique(values):
+        ranks[values == v] = ranks[values == v].mean()
+    return ranks
+
+
+def agreement_summary(agg: list[dict], task: str) -> str:
+    """One line: Spearman ρ between the training reward and the independent judge's accuracy over the task's entries,
+    and how many RL entries the agreement rule flags; '' without the independent judge's columns."""
+    rows = [r for r in agg if r["task"] == task and not math.isnan(r.get("indep_accuracy", math.nan))]
+    base = next((r for r in rows if r["entry"] == BASE_ENTRY), None)
+    if len(rows) < 3 or base is None:
+        return ""
+    reward, indep = np.array([r["reward_mean"] for r in rows]), np.array([r["indep_accuracy"] for r in rows])
+    rho = np.corrcoef(_ranks(reward), _ranks(indep))[0, 1] if reward.std() > 0 and indep.std() > 0 else math.nan
+    rl = [r for r in rows if r["kind"] in ("rl", "selected")]
+    flagged = sum(any("not matched" in f for f in agreement_flags(r, base)) for r in rl)
+    gains = ", ".join(f"{r['entry']} {r['reward_mean'] - base['reward_mean']:+.3f}/"
+                      f"{r['indep_accuracy'] - base['indep_accuracy']:+.3f}" for r in rl)
+    return (f"- reward–judge agreement: Spearman ρ(reward, indep acc) = {rho:.2f} over {len(rows)} entries; "
+            f"{flagged}/{len(rl)} RL entries' reward gain not matched by `digit_judge_indep` "
+            f"(gain over `{BASE_ENTRY}`, reward/indep acc: {gains or 'none'})")
 
 
 def run_curves(task, algo: str, out: Path, protocol: TaskProtocol) -> dict[int, list]:
@@ -152,12 +201,17 @@ def write_outputs(rows: list[dict], tasks, out: Path, probe_rows: list[dict] = (
         columns = [("reward_mean", "reward"), *(protocol.columns if protocol else ()), ("nfe_per_image", "NFE"),
                    ("ms_per_image", "ms/img")]
         if protocol is not None:
-            lines += headline(agg, task.name, protocol) + [""]
+            summary = agreement_summary(agg, task.name)
+            lines += headline(agg, task.name, protocol) + ([summary] if summary else []) + [""]
         lines += ["| entry | seeds | " + " | ".join(h for _, h in columns) + " | flags |",
                   "|---" * (len(columns) + 3) + "|"]
+        base = next((r for r in agg if r["task"] == task.name and r["entry"] == BASE_ENTRY), None)
         for r in (r for r in agg if r["task"] == task.name):
+            flags = [r["overoptimisation"]] if r["overoptimisation"] else []
+            if base is not None and r["kind"] in ("rl", "selected"):
+                flags += agreement_flags(r, base)
             lines.append(f"| {r['entry']} | {r['seeds']} | " + " | ".join(_fmt(r, m) for m, _ in columns)
-                         + f" | {r['overoptimisation'] or ''} |")
+                         + f" | {'; '.join(flags)} |")
         lines.append("")
         if protocol is not None:
             lines += sample_efficiency(task, protocol, list(probe_rows), rows, out)
