@@ -213,3 +213,44 @@ def test_probe_conditions_repeat_so_per_prompt_diversity_is_defined():
     assert not torch.equal(c, repeated_conditions(200, ids, PROBE_REPEATS, PROBE_SEED + 1))
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         repeated_conditions(10, ids, 0, 0)
+
+
+# ------------------------------------------------------------------ the targets' verdicts (report.targets)
+def _agg(entry, kind, acc, fd, nfe, guidance=1.0, budget=""):
+    return {"task": "t", "entry": entry, "kind": kind, "judge_accuracy": acc, "fd": fd, "nfe_per_image": nfe,
+            "guidance_scale": guidance, "budget": budget}
+
+
+CFG_POINTS = [_agg("cfg w=1", "cfg", 0.90, 40.0, 3), _agg("cfg w=1.5", "cfg", 0.93, 35.0, 6, 1.5),
+              _agg("cfg w=3", "cfg", 0.77, 46.0, 6, 3.0), _agg("grpo @4096", "rl", 0.99, 20.0, 3, budget=4096)]
+
+
+def test_dominance_needs_judge_and_diversity_against_every_cfg_point_above_one():
+    from agents.benchmark.evaluation import DIGITS
+    from agents.benchmark.report import targets
+
+    good = _agg("grpo selected", "selected", 0.95, 30.0, 3)
+    sharp = _agg("ddpo selected", "selected", 0.99, 36.0, 3)  # better judge, worse FD than w=1.5
+    text = targets(CFG_POINTS + [good, sharp], "t", DIGITS, {})
+    assert "**met**: `grpo selected`" in text[0] and "ddpo" not in text[0]
+    text = targets(CFG_POINTS + [sharp], "t", DIGITS, {})
+    assert "**not met**" in text[0] and "`cfg w=1.5` (0.930, 35.00)" in text[0] and "cfg w=3" not in text[0]
+    # w = 1 is the unguided base, not a CFG point to dominate: a model worse than it may still meet the target
+    assert "**met**" in targets(CFG_POINTS[1:] + [_agg("x selected", "selected", 0.93, 35.0, 3)], "t", DIGITS, {})[0]
+
+
+def test_sample_efficiency_ratio_against_ddpo():
+    from agents.benchmark.evaluation import DIGITS
+    from agents.benchmark.report import targets
+
+    rows = CFG_POINTS + [_agg("grpo selected", "selected", 0.95, 30.0, 3)]
+    fast, slow = summarise([200.0, 300.0, 250.0]), summarise([900.0, 700.0, 800.0])
+    text = targets(rows, "t", DIGITS, {"grpo": fast, "ddpo": slow})[1]
+    assert "**met**" in text and "3.2× fewer" in text
+    text = targets(rows, "t", DIGITS, {"grpo": fast, "ddpo": summarise([500.0, 500.0, 500.0])})[1]
+    assert "**not met**" in text and "2.0× fewer" in text
+    # a DDPO that never reaches the target: the ratio is a lower bound from the largest budget (4096 / 250)
+    text = targets(rows, "t", DIGITS, {"grpo": fast, "ddpo": summarise([None, None, 700.0])})[1]
+    assert "≥ 16.4× fewer (only 1/3 ddpo seeds reach it within 4096)" in text
+    # an algorithm counts only where every seed reached the target
+    assert "no algorithm reaches" in targets(rows, "t", DIGITS, {"grpo": summarise([None, 100.0])})[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.benchmark.curves import images_to_reach, probe_curve, summarise
+from agents.benchmark.curves import SeedSummary, images_to_reach, no_worse, probe_curve, summarise
 from agents.benchmark.evaluation import DIGITS, PROBE_SEED, SHAPES, TaskProtocol, eval_model, task_protocol
 
 #: every metric a row may carry: the generic ones, then each task protocol's columns
@@ -154,13 +154,16 @@ def best_probe_cfg(probe_rows: list[dict], task: str, protocol: TaskProtocol) ->
     return max(cfg, key=_ranker(protocol)) if cfg else None
 
 
-def sample_efficiency(task, protocol: TaskProtocol, probe_rows: list[dict], rows: list[dict], out: Path) -> list[str]:
+def sample_efficiency(task, protocol: TaskProtocol, probe_rows: list[dict], rows: list[dict], out: Path
+                      ) -> tuple[list[str], dict[str, SeedSummary]]:
     """results.md's learning-curve section: per algorithm, the images its runs need to reach CFG's best point on the
     validation probe set at no worse diversity (`curves.images_to_reach`), mean ± 95 % CI over the seeds that reach
-    it, and each seed's checkpoint selected on the probe set (`curves.select_checkpoint`)."""
+    it, and each seed's checkpoint selected on the probe set (`curves.select_checkpoint`); also {algo: that
+    summary} for `targets`."""
     target = best_probe_cfg(probe_rows, task.name, protocol)
+    reach: dict[str, SeedSummary] = {}
     if target is None:
-        return []
+        return [], reach
     div, lower = protocol.diversity, protocol.diversity_lower_is_better
     lines = [f"### Learning curves (validation probe set: {task.probe_images} images, seed {PROBE_SEED}, every "
              f"{task.probe_every} epochs)", "",
@@ -175,13 +178,75 @@ def sample_efficiency(task, protocol: TaskProtocol, probe_rows: list[dict], rows
         if not any(curves.values()):
             lines.append(f"| {algo} | – | no probe curve | – |")
             continue
-        stats = summarise([images_to_reach(c, target["judge_accuracy"], target[div], lower) if c else None
-                           for c in curves.values()])
+        stats = reach[algo] = summarise([images_to_reach(c, target["judge_accuracy"], target[div], lower) if c
+                                         else None for c in curves.values()])
         chosen = {r["seed"]: r["budget"] for r in rows
                   if r["task"] == task.name and r.get("kind") == "selected" and r.get("algo") == algo}
         lines.append(f"| {algo} | {stats.reached}/{stats.n} | {stats} | "
                      + ", ".join(f"seed {s}: {chosen.get(s, '–')}" for s in task.seeds) + " |")
-    return lines + [""]
+    return lines + [""], reach
+
+
+#: issue #12's targets: an RL model at guidance 1 dominates every CFG point with w > 1, and the most sample-efficient
+#: algorithm needs EFFICIENCY_TARGET× fewer images than DDPO to reach CFG's best point (on the validation curves)
+EFFICIENCY_TARGET, EFFICIENCY_BASELINE = 3.0, "ddpo"
+
+
+def targets(agg: list[dict], task: str, protocol: TaskProtocol, reach: dict[str, SeedSummary]) -> list[str]:
+    """results.md's verdict on the two targets for one task, with the numbers either way.
+
+    Dominance is read on the test set from the `<algo> selected` entries (checkpoints chosen on the validation probe
+    set, mean over seeds): judge accuracy ≥ (to 3 decimals, what 1,000 images resolve) and diversity no worse than
+    every CFG entry with w > 1. Sample efficiency compares the mean images-to-reach of `sample_efficiency`; an
+    algorithm counts only if every seed reached the target, and a baseline that never reaches it makes the ratio
+    a lower bound (budget / best)."""
+    div, lower = protocol.diversity, protocol.diversity_lower_is_better
+    cfg = [r for r in agg if r["task"] == task and r["kind"] == "cfg" and float(r["guidance_scale"]) > 1]
+    chosen = [r for r in agg if r["task"] == task and r["kind"] == "selected"]
+    if not cfg or not chosen:
+        return []
+
+    def beaten(r: dict) -> list[dict]:
+        """The CFG points `r` does not dominate."""
+        return [c for c in cfg if not (round(r["judge_accuracy"], 3) >= round(c["judge_accuracy"], 3)
+                                       and no_worse(r[div], c[div], lower))]
+
+    sign = 1.0 if lower else -1.0
+    ranked = sorted(chosen, key=lambda r: (len(beaten(r)), -round(r["judge_accuracy"], 3), sign * r[div]))
+    winners = [r for r in ranked if not beaten(r)]
+    cfg_nfe = max(c["nfe_per_image"] for c in cfg)
+    if winners:
+        w = winners[0]
+        names = ", ".join("`" + r["entry"] + "`" for r in winners)
+        dom = (f"**met**: {names} dominate(s) all {len(cfg)} CFG points "
+               f"w > 1; `{w['entry']}` judge acc {w['judge_accuracy']:.3f}, {div} {w[div]:.2f} at "
+               f"{w['nfe_per_image']:g} NFE vs CFG's {cfg_nfe:g}")
+    else:
+        w, missed = ranked[0], beaten(ranked[0])
+        dom = (f"**not met**: closest `{w['entry']}` (judge acc {w['judge_accuracy']:.3f}, {div} {w[div]:.2f}) "
+               f"fails to dominate " + ", ".join(f"`{c['entry']}` ({c['judge_accuracy']:.3f}, {c[div]:.2f})"
+                                                 for c in missed))
+    lines = [f"- target, dominance at guidance 1 (selected checkpoints, test set): {dom}"]
+    full = {a: s for a, s in reach.items() if s.reached == s.n and s.n}
+    if full:
+        best_algo = min(full, key=lambda a: full[a].mean)
+        best = full[best_algo]
+        base = reach.get(EFFICIENCY_BASELINE)
+        if base is None:
+            eff = f"no {EFFICIENCY_BASELINE} runs to compare with"
+        else:
+            if base.reached == base.n:
+                ratio, bound, note = base.mean / best.mean, "", ""
+            else:
+                budget = max(float(r["budget"]) for r in agg if r["task"] == task and r["kind"] == "rl")
+                ratio, bound = budget / best.mean, "≥ "
+                note = f" (only {base.reached}/{base.n} {EFFICIENCY_BASELINE} seeds reach it within {budget:.0f})"
+            verdict = "**met**" if ratio >= EFFICIENCY_TARGET else "**not met**"
+            eff = (f"{verdict}: `{best_algo}` reaches CFG's best probe point in {best} images vs "
+                   f"{EFFICIENCY_BASELINE} {base}: {bound}{ratio:.1f}× fewer{note} (target ≥ {EFFICIENCY_TARGET:g}×)")
+    else:
+        eff = "**not met**: no algorithm reaches CFG's best probe point on every seed"
+    return lines + [f"- target, sample efficiency (validation curves): {eff}"]
 
 
 def write_outputs(rows: list[dict], tasks, out: Path, probe_rows: list[dict] = ()) -> None:
@@ -214,7 +279,9 @@ def write_outputs(rows: list[dict], tasks, out: Path, probe_rows: list[dict] = (
                          + f" | {'; '.join(flags)} |")
         lines.append("")
         if protocol is not None:
-            lines += sample_efficiency(task, protocol, list(probe_rows), rows, out)
+            curve_lines, reach = sample_efficiency(task, protocol, list(probe_rows), rows, out)
+            verdicts = targets(agg, task.name, protocol, reach)
+            lines += curve_lines + (["### Targets (issue #12)", "", *verdicts, ""] if verdicts else [])
     (out / "results.md").write_text("\n".join(lines))
     plot_training_curves(tasks, out)
     plot_probe_curves(tasks, out, list(probe_rows))
