@@ -36,7 +36,6 @@ and a learning run (digits-eps, guidance 0.5, 1024 images; docs/design.md §11) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from tensordict import TensorDict
@@ -63,12 +62,6 @@ class FDFOConfig(AlgoConfig):
     """visited states per optimizer step"""
     spo_eps: float = field(default=0.03, metadata=bounds(gt=0))
     """ε of the SPO penalty |ΔR| / (2ε) (ρ − 1)²"""
-    penalty_scale: Literal["pair", "batch"] = "pair"
-    """scale s of the penalty s / (2ε) (ρ − 1)²: "pair" = |ΔR_i| (the paper's form: every state's optimum is the
-    trust-region edge ρ = 1 ± ε, however small its pair's reward difference), "batch" = the epoch's mean |ΔR|,
-    floored at `reward_floor` (optimum ρ − 1 = ε ΔR_i / s: a step proportional to the pair's difference)"""
-    reward_floor: float = field(default=0.0, metadata=bounds(ge=0))
-    """with penalty_scale="batch": the least s, so near-equal pairs (a saturated reward) take near-zero steps"""
     dir_eps: float = field(default=1e-12, metadata=bounds(ge=0))
     """added to mean d² before the square root (identical endpoints give d̃ = 0)"""
 
@@ -92,11 +85,6 @@ class FDFO(Algorithm):
         d = group_centred(rollout["latents"][:, -1], gid)  # d_i, [B, C, H, W]
         rms = (per_sample_mean(d.pow(2)) + self.cfg.dir_eps).sqrt()
         rollout["directions"] = d / rms.view(-1, *([1] * (d.dim() - 1)))  # d̃_i
-        dr = rollout["reward_diffs"]
-        if self.cfg.penalty_scale == "pair":
-            rollout["penalty_scales"] = dr.abs()
-        else:  # one scale for the epoch: the mean |ΔR| (a device op, no host sync), at least reward_floor
-            rollout["penalty_scales"] = dr.abs().mean().clamp(min=self.cfg.reward_floor).expand_as(dr).clone()
         items = transitions(rollout, stochastic_only=False)  # every visited state x_T … x_1
         old = torch.cat([self.policy.model_output(mb["latents"], mb["step_index"], mb["conditions"])
                          for mb in items.split(self.cfg.minibatch_size)])
@@ -108,7 +96,7 @@ class FDFO(Algorithm):
         dr, d = items["reward_diffs"], items["directions"]
         log_ratio = -per_sample_mean((v_theta - items["targets"]).pow(2)) + per_sample_mean(d.pow(2))
         ratio = log_ratio.exp()
-        per_state = -dr * ratio + items["penalty_scales"] / (2 * self.cfg.spo_eps) * (ratio - 1).pow(2)
+        per_state = -dr * ratio + dr.abs() / (2 * self.cfg.spo_eps) * (ratio - 1).pow(2)
         out = {"loss_policy": per_state.mean()}  # the SPO objective: surrogate and trust-region penalty in one
         out |= ratio_diagnostics(log_ratio.detach())
         out["reward_diff_abs"] = dr.abs().mean().detach()
