@@ -311,8 +311,7 @@ LEARN = {
     "grpo": {"lr": 1e-3, "minibatch_size": 48},
     "fpo": {"lr": 1e-3, "n_mc": 2, "inner_epochs": 1},
     "nft": {"lr": 1e-3, "minibatch_size": 32},
-    # FDFO's default churn (0.2) leaves no headroom here (0.997): train it where the others train
-    "fdfo": {"lr": 1e-3, "minibatch_size": 48, "noise_level": 0.7},
+    "fdfo": {"lr": 1e-3, "minibatch_size": 48},
 }
 
 

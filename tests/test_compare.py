@@ -90,6 +90,17 @@ def test_bad_compare_configs(tmp_path):
         load_tasks(tmp_path / "missing.toml")
 
 
+def test_task_algo_overrides_update_the_shared_ones_per_algorithm(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[algo_overrides.grpo]\nlr = 1e-3\nminibatch_size = 48\n[algo_overrides.nft]\nlr = 2e-3\n'
+                   '[[task]]\nname = "a"\n[task.algo_overrides.grpo]\nkl_coef = 0.1\nlr = 3e-4\n'
+                   '[task.algo_overrides.fdfo]\neta = 0.5\n[[task]]\nname = "b"\n')
+    a, b = load_tasks(cfg)
+    assert a.algo_overrides == {"grpo": {"lr": 3e-4, "minibatch_size": 48, "kl_coef": 0.1}, "nft": {"lr": 2e-3},
+                                "fdfo": {"eta": 0.5}}
+    assert b.algo_overrides == {"grpo": {"lr": 1e-3, "minibatch_size": 48}, "nft": {"lr": 2e-3}}
+
+
 @pytest.mark.parametrize("name", ["../../../x", "/tmp/x", "a/b", "..", ""])
 def test_task_names_cannot_leave_the_output_folder(tmp_path, name):
     from agents.benchmark.compare import Comparison, Task

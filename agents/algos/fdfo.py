@@ -1,7 +1,8 @@
 """FDFO (McAllister et al. 2026, arXiv 2603.12893), written from the equations of docs/design.md §7.6.
 
 Rollouts come in pairs that start from the same x_T (`group_size=2`, `share_noise=True`) and diverge
-only through a small stochastic "churn" (a small flow-SDE `noise_level` / DDIM `eta`). The pair's
+only through the sampler's stochastic "churn" (flow-SDE `noise_level` / DDIM `eta`; the paper's churn is small,
+but it must be the stochasticity of the sampler that is evaluated: docs/design.md §7.6). The pair's
 endpoint difference is a finite-difference estimate of the direction in which the reward changes, and
 it becomes a velocity target at every state either trajectory visited:
 
@@ -54,8 +55,10 @@ class FDFOConfig(AlgoConfig):
     """rollouts per pair (the paper's G = 2; larger groups use group-centred differences)"""
     share_noise: bool = True
     """pair members start from the same x_T"""
-    noise_level: float = 0.2
-    """flow-SDE `a` of the rollout sampler: the small churn that makes the pair diverge"""
+    noise_level: float = 0.7
+    """flow-SDE `a` of the rollout sampler: the churn that makes the pair diverge. The policy's own SDE level, so
+    the rollouts are the sampler that is evaluated: at 0.2 the 3-step rollouts are nearly the ODE, already score
+    0.999, and FDFO learned nothing that transferred (docs/design.md §7.6)"""
     eta: float = 0.2
     """DDIM η of the rollout sampler (ε-models): the churn"""
     minibatch_size: int = 256

@@ -119,6 +119,10 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
     tasks = []
     for raw in data.get("task", []):
         spec = {**defaults, **raw}
+        # a task's [task.algo_overrides.<algo>] keys update the top-level ones of that algorithm (not replace them)
+        shared = defaults.get("algo_overrides", {})
+        spec["algo_overrides"] = {a: {**shared.get(a, {}), **raw.get("algo_overrides", {}).get(a, {})}
+                                  for a in {*shared, *raw.get("algo_overrides", {})}}
         bad = sorted(set(spec) - known)
         if bad:
             raise ValueError(f"{path}: unknown task keys {bad}; expected some of {sorted(known)}")
