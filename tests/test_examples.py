@@ -33,3 +33,27 @@ def test_every_compare_config_validates(config):
 
     tasks = load_tasks(config)
     assert tasks and all(t.seeds and t.budgets and t.eval_images >= 2 for t in tasks)
+
+
+def test_sweep_runs_a_grid_reads_its_probe_curves_and_reuses_finished_runs(tmp_path):
+    """benchmarks/sweep.py end to end on a tiny grid: one run per grid point, the CFG reference on the probe set, a
+    table row per point; a second call trains nothing (finished runs are reused) and a bad --grid is refused."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--algo", "grpo", "--model", "digits-flow",
+           "--num-steps", "3", "--images", "32", "--set", "images_per_epoch=16", "group_size=4", "minibatch_size=16",
+           "--grid", "lr=1e-3,3e-4", "--probe-every", "1", "--probe-images", "16", "--cfg-scales", "1", "1.5",
+           "--jobs", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "sweep.md").read_text()
+    assert "| lr=1e-3 |" in table and "| lr=3e-4 |" in table and "best: w=" in table
+    logs = sorted(out.glob("*/log.csv"))
+    assert [p.parent.name for p in logs] == ["lr=1e-3_seed0", "lr=3e-4_seed0"]
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "done:" not in proc.stdout  # nothing retrained
+    assert [p.stat().st_mtime_ns for p in logs] == stamps
+    bad = subprocess.run(cmd[:cmd.index("--grid")] + ["--grid", "lr", "--out", str(tmp_path / "bad")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--grid: expected KEY=V1,V2,..., got 'lr'" in bad.stderr
