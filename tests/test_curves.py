@@ -252,5 +252,8 @@ def test_sample_efficiency_ratio_against_ddpo():
     # a DDPO that never reaches the target: the ratio is a lower bound from the largest budget (4096 / 250)
     text = targets(rows, "t", DIGITS, {"grpo": fast, "ddpo": summarise([None, None, 700.0])})[1]
     assert "≥ 16.4× fewer (only 1/3 ddpo seeds reach it within 4096)" in text
+    # a DDPO already there at its first probe: no ratio is measurable, and the line says so
+    text = targets(rows, "t", DIGITS, {"ddpo": summarise([64.0, 64.0])}, {"ddpo": 64.0})[1]
+    assert "**not met**" in text and "1.0× fewer" in text and "at its first probe (64 images)" in text
     # an algorithm counts only where every seed reached the target
     assert "no algorithm reaches" in targets(rows, "t", DIGITS, {"grpo": summarise([None, 100.0])})[1]
