@@ -242,6 +242,22 @@ def test_fdfo_rejects_groups_of_one():
         ALGORITHMS["fdfo"](policy, make_algorithm_config("fdfo", {"group_size": 1}))
 
 
+@pytest.mark.parametrize("model", ["digits-flow", "digits-eps"])
+def test_grpo_ratio_norm_scales_each_steps_log_ratio_by_its_sigma_and_keeps_the_invariants(model):
+    algo, policy, env = build("grpo", model, ratio_norm=True, kl_coef=0.0)
+    rollout = rollout_of(policy, env)
+    items = prepare(algo, rollout.clone())
+    stds = items["stds"]
+    assert torch.allclose(items["ratio_scales"], stds / stds.mean()) and stds.min() < stds.max()
+    with torch.no_grad():
+        out = algo.loss(items)
+    assert out["ratio_mean"].item() == pytest.approx(1.0, abs=5e-4)  # as the exact ratio's tolerance above
+    equal = rollout.clone()
+    equal["rewards"] = torch.full_like(rollout["rewards"], 0.5)
+    backward(algo, prepare(algo, equal))
+    assert all(torch.count_nonzero(g) == 0 for g in lora_grads(policy).values())
+
+
 # --------------------------------------------------------------------------- signs on a toy reward
 def endpoints_after_update(name, model, sign: float, steps: int = 3, lr: float = 1e-3):
     """x0 of the same seeds before and after `steps` optimizer steps on one batch, reward = sign·brightness."""

@@ -29,6 +29,10 @@ class GRPOConfig(AlgoConfig):
     """PPO ε on the exact (summed) per-step ratio"""
     kl_coef: float = field(default=0.01, metadata=bounds(ge=0))
     """β of the per-step KL to the reference (base) model; 0 disables the reference forward"""
+    ratio_norm: bool = False
+    """scale each step's log-ratio by σ_k / mean σ (over the epoch's stochastic steps): the exact log-ratio moves as
+    ‖δμ‖ / σ_k, so without it the small-σ late steps hit the clip first; with it a mean shift counts the same at every
+    step (ρ = 1 on-policy and zero advantage ⇒ zero gradient still hold)"""
     adv_eps: float = field(default=0.05, metadata=bounds(gt=0))
     """added to the group std: a soft floor, so a group whose rewards differ by less than ~adv_eps (a saturated
     reward) gets advantages ≪ 1 instead of ±1 (Flow-GRPO's 1e-4 turns rounding-level differences into full steps;
@@ -41,14 +45,18 @@ class GRPO(Algorithm):
 
     def prepare(self, rollout: TensorDict) -> TensorDict:
         rollout["advantages"] = group_advantages(rollout["rewards"], rollout["group_ids"], self.cfg.adv_eps)
-        return transitions(rollout)
+        items = transitions(rollout)
+        stds = items["stds"]
+        items["ratio_scales"] = stds / stds.mean() if self.cfg.ratio_norm else torch.ones_like(stds)
+        return items
 
     def loss(self, items: TensorDict) -> dict:
         x, k, c = items["latents"], items["step_index"], items["conditions"]
         mean, std = self.policy.distribution(x, k, c)
         log_prob = gaussian_log_prob(items["next_latents"], mean, std)
         late = k >= self.policy.num_steps // 2
-        out = clipped_surrogate(log_prob - items["log_probs"], items["advantages"], self.cfg.clip_range, late)
+        log_ratio = (log_prob - items["log_probs"]) * items["ratio_scales"]
+        out = clipped_surrogate(log_ratio, items["advantages"], self.cfg.clip_range, late)
         if self.cfg.kl_coef > 0:
             with torch.no_grad():
                 ref_mean, _ = self.policy.distribution(x, k, c, reference=True)
