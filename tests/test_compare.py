@@ -88,6 +88,14 @@ def test_bad_compare_configs(tmp_path):
         load_tasks(cfg)
     with pytest.raises(FileNotFoundError):
         load_tasks(tmp_path / "missing.toml")
+    cfg.write_text('algo_overrides = 3\n[[task]]\nname = "t"\n')
+    with pytest.raises(TypeError, match=r"task 't': algo_overrides=3: expected a dict"):
+        load_tasks(cfg)
+    for text in ('[algo_overrides]\ngrpo = 5\n[[task]]\nname = "t"\n',
+                 '[[task]]\nname = "t"\nalgo_overrides = { grpo = 5 }\n'):
+        cfg.write_text(text)
+        with pytest.raises(TypeError, match=r"task 't': algo_overrides.grpo=5: expected a table of options"):
+            load_tasks(cfg)
 
 
 def test_task_algo_overrides_update_the_shared_ones_per_algorithm(tmp_path):

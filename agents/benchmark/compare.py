@@ -82,6 +82,10 @@ class Task:
             raise ValueError(f"task {self.name!r}: seeds {bad} are not ints; expected a list of ints")
         try:
             validate_fields(self)
+            for algo, options in self.algo_overrides.items():
+                if not isinstance(options, dict):
+                    raise TypeError(f"algo_overrides.{algo}={options!r}: expected a table of options, e.g. "
+                                    f"[algo_overrides.{algo}] lr = 1e-3")
             for algo in sorted(set(self.algos) & set(ALGORITHMS)):  # bad options and budgets fail before any work
                 epoch = make_algorithm_config(algo, self.algo_overrides.get(algo, {})).images_per_epoch
                 for budget in self.budgets:
@@ -119,10 +123,11 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
     tasks = []
     for raw in data.get("task", []):
         spec = {**defaults, **raw}
-        # a task's [task.algo_overrides.<algo>] keys update the top-level ones of that algorithm (not replace them)
-        shared = defaults.get("algo_overrides", {})
-        spec["algo_overrides"] = {a: {**shared.get(a, {}), **raw.get("algo_overrides", {}).get(a, {})}
-                                  for a in {*shared, *raw.get("algo_overrides", {})}}
+        # a task's [task.algo_overrides.<algo>] keys update the top-level ones of that algorithm (not replace them);
+        # anything but tables of tables is left as written, for `Task.validate` to name
+        shared, own = defaults.get("algo_overrides", {}), raw.get("algo_overrides", {})
+        if all(isinstance(o, dict) and all(isinstance(v, dict) for v in o.values()) for o in (shared, own)):
+            spec["algo_overrides"] = {a: {**shared.get(a, {}), **own.get(a, {})} for a in {*shared, *own}}
         bad = sorted(set(spec) - known)
         if bad:
             raise ValueError(f"{path}: unknown task keys {bad}; expected some of {sorted(known)}")
