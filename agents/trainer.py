@@ -264,13 +264,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, n: int, seed: int = 12345, batch_size: int = 256, condition_repeats: int | None = None):
         """Mean reward of the current (adapted) model, fixed seeds, with the model's *default* sampler
-        (not the algorithm's rollout sampler, e.g. FDFO's low churn), so algorithms compare fairly."""
+        (not the algorithm's rollout sampler, e.g. a churn set by hand for FDFO), so algorithms compare fairly."""
         from diffenv.sampling import generate
 
         result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward, model=self.policy.backend,
                           num_steps=self.policy.num_steps, guidance_scale=self.cfg.guidance_scale,
                           device=self.policy.device, condition_set=self.cfg.conditions,
-                          condition_repeats=condition_repeats, progress=self.cfg.progress and self.dist.is_main and n > batch_size)
+                          condition_repeats=condition_repeats,
+                          progress=self.cfg.progress and self.dist.is_main and n > batch_size)
         return {"reward_mean": result.rewards.mean().item(), "reward_std": result.rewards.std().item(),
                 "result": result}
 

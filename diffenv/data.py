@@ -20,33 +20,34 @@ def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]
 
     The split is stratified and seeded (`SPLIT_SEED`), so every script sees the same rows.
     """
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    rows = split_indices(split)
+    rows = split_indices(split, digits.target)  # checks `split`
     x, y = digits.images[rows], digits.target[rows]
     images = torch.as_tensor(x, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     return images, torch.as_tensor(y, dtype=torch.long)
 
 
-def split_indices(split: str = "train"):
+def split_indices(split: str = "train", targets=None):
     """Row indices (numpy int array, in the split's order) of `split` in scikit-learn's `load_digits()`.
 
     Lets a model record exactly which digits it saw (e.g. `digit_judge_indep` trains on the test split only).
+    `targets`: `load_digits().target` when the caller has it already (it is read from disk otherwise).
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     import numpy as np
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    y = load_digits().target
-    rows = np.arange(len(y))
+    if targets is None:
+        from sklearn.datasets import load_digits
+
+        targets = load_digits().target
+    rows = np.arange(len(targets))
     if split == "all":
         return rows
-    train, test = train_test_split(rows, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
+    train, test = train_test_split(rows, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=targets)
     return train if split == "train" else test
 
 
