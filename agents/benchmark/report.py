@@ -114,16 +114,6 @@ def agreement_flags(row: dict, base: dict) -> list[str]:
     return flags  # NaN comparisons are False: missing columns raise no flag
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks with ties given their mean rank (for Spearman's ρ)."""
-    order = values.argsort(kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=float)
-    for v in np.unique(values):
-        ranks[values == v] = ranks[values == v].mean()
-    return ranks
-
-
 def agreement_summary(agg: list[dict], task: str) -> str:
     """One line: Spearman ρ between the training reward and the independent judge's accuracy over the task's entries,
     and how many RL entries the agreement rule flags; '' without the independent judge's columns."""
@@ -132,7 +122,9 @@ def agreement_summary(agg: list[dict], task: str) -> str:
     if len(rows) < 3 or base is None:
         return ""
     reward, indep = np.array([r["reward_mean"] for r in rows]), np.array([r["indep_accuracy"] for r in rows])
-    rho = np.corrcoef(_ranks(reward), _ranks(indep))[0, 1] if reward.std() > 0 and indep.std() > 0 else math.nan
+    from scipy import stats  # a declared dependency (see curves.summarise)
+
+    rho = stats.spearmanr(reward, indep).statistic if reward.std() > 0 and indep.std() > 0 else math.nan
     rl = [r for r in rows if r["kind"] in ("rl", "selected")]
     flagged = sum(any("not matched" in f for f in agreement_flags(r, base)) for r in rl)
     gains = ", ".join(f"{r['entry']} {r['reward_mean'] - base['reward_mean']:+.3f}/"
