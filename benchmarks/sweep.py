@@ -166,7 +166,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
+    from agents.benchmark.curves import no_worse
     from agents.benchmark.evaluation import task_protocol
+    from agents.benchmark.report import rank_key
 
     protocol = task_protocol(args.model)
     if protocol is None:
@@ -179,13 +181,14 @@ def main(argv=None) -> None:
     run_all([j for j in jobs if not finished(j[1], args.images)], args.jobs)
     train_wall = time.perf_counter() - start
     points = cfg_reference(args)
-    better = (lambda a, b: a < b) if protocol.diversity_lower_is_better else (lambda a, b: a > b)
-    best = max(points, key=lambda q: (q["score"], -q["diversity"] if protocol.diversity_lower_is_better else q["diversity"]))
+    rank = rank_key(protocol)  # compare's rule for CFG's best point: judge score to 3 decimals, then diversity
+    best = max(points, key=lambda q: rank({"judge_accuracy": q["score"], protocol.diversity: q["diversity"]}))
 
     rows = []
     for point in grid:
         summary = summarise_point([args.out / run_name(point, s) for s in args.seeds], best, protocol)
-        dominated = all(summary["score"] >= q["score"] and not better(q["diversity"], summary["diversity"])
+        dominated = all(summary["score"] >= q["score"]
+                        and no_worse(summary["diversity"], q["diversity"], protocol.diversity_lower_is_better)
                         for q in points if q["w"] > 1)
         rows.append({"point": " ".join(f"{k}={v}" for k, v in point.items()) or "defaults", **summary,
                      "dominates_cfg": dominated})

@@ -57,7 +57,7 @@ def _fmt(row: dict, m: str) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
 
 
-def _ranker(protocol: TaskProtocol):
+def rank_key(protocol: TaskProtocol):
     """Best = judge accuracy to 3 decimals (the eval set resolves no more), then better diversity (lower FD for
     digits, higher within-prompt distance for shapes)."""
     sign = -1.0 if protocol.diversity_lower_is_better else 1.0
@@ -74,7 +74,7 @@ def headline(agg: list[dict], task: str, protocol: TaskProtocol = DIGITS) -> lis
     rl = [r for r in agg if r["task"] == task and r["kind"] == "rl"]
     if not cfg or not rl or math.isnan(cfg[0]["judge_accuracy"]):
         return []
-    rank, div = _ranker(protocol), protocol.diversity
+    rank, div = rank_key(protocol), protocol.diversity
     best_cfg, best_rl = max(cfg, key=rank), max(rl, key=rank)
     lines = [
         f"- best CFG (by judge accuracy, then {protocol.diversity_label}): `{best_cfg['entry']}` judge acc "
@@ -143,7 +143,7 @@ def run_curves(task, algo: str, out: Path, protocol: TaskProtocol) -> dict[int, 
 def best_probe_cfg(probe_rows: list[dict], task: str, protocol: TaskProtocol) -> dict | None:
     """CFG's best point on the validation probe set (the ranking of `headline`), or None."""
     cfg = [r for r in probe_rows if r["task"] == task and not math.isnan(_num(r, "judge_accuracy"))]
-    return max(cfg, key=_ranker(protocol)) if cfg else None
+    return max(cfg, key=rank_key(protocol)) if cfg else None
 
 
 def sample_efficiency(task, protocol: TaskProtocol, probe_rows: list[dict], rows: list[dict], out: Path
@@ -398,7 +398,7 @@ def plot_grids(agg: list[dict], tasks, out: Path) -> None:
             continue
         small = type(task)(**{**task.__dict__, "eval_images": 20})
         best_w = max((r for r in agg if r["task"] == task.name and r["kind"] == "cfg"),
-                     key=_ranker(protocol))["guidance_scale"]
+                     key=rank_key(protocol))["guidance_scale"]
         first = eval_model(small, task.model, best_w)
         panels = [("cfg w=%g" % best_w, first.images)]
         for algo in task.algos:
