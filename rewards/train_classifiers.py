@@ -51,8 +51,11 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (shifted + std * torch.randn(shifted.shape, generator=generator)).clamp(0.0, 1.0)
 
 
-def fit(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: dict, seed: int) -> None:
-    """AdamW with a cosine learning-rate decay on augmented minibatches."""
+def fit(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: dict, seed: int,
+        augment_fn=augment, logits_fn=None) -> None:
+    """AdamW with a cosine learning-rate decay on minibatches augmented by `augment_fn(images, generator)`; the loss is
+    on `logits_fn(images)` (default: the network itself; e.g. one expert of an ensemble)."""
+    logits_fn = network if logits_fn is None else logits_fn
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     steps_per_epoch = math.ceil(len(images) / recipe["batch_size"])
@@ -61,7 +64,7 @@ def fit(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, re
     for _ in range(recipe["epochs"]):
         order = torch.randperm(len(images), generator=generator)
         for batch in order.split(recipe["batch_size"]):
-            loss = F.cross_entropy(network(augment(images[batch], generator)), labels[batch])
+            loss = F.cross_entropy(logits_fn(augment_fn(images[batch], generator)), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -117,7 +120,9 @@ def train_one(name: str, spec: dict, data: dict, seed: int, out: Path) -> dict:
     return metrics
 
 
-def save(name: str, network: torch.nn.Module, spec: dict, temperature: float, seed: int, out: Path) -> None:
+def save(name: str, network: torch.nn.Module, spec: dict, temperature: float, seed: int, out: Path,
+         trained_on: str = "diffenv.data train split (fit 90 %, temperature 10 %)", **extra) -> None:
+    """`<name>.safetensors` and `<name>.json` (what `classifier.load_classifier` reads), `extra` keys appended."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +137,10 @@ def save(name: str, network: torch.nn.Module, spec: dict, temperature: float, se
         "image_shape": [1, 8, 8],
         "num_classes": 10,
         "input": "images in [0, 1], background 0",
-        "trained_on": "diffenv.data train split (fit 90 %, temperature 10 %)",
+        "trained_on": trained_on,
         "seed": seed,
         "recipe": spec["recipe"],
+        **extra,
     }
     (out / f"{name}.json").write_text(json.dumps(config, indent=2) + "\n")
 

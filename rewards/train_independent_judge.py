@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from rewards.classifier import WEIGHTS_DIR
 from rewards.independent_judge import NAME, IndependentDigitJudge, gaussian_blur
-from rewards.train_classifiers import evaluate, fit_temperature
+from rewards.train_classifiers import evaluate, fit, fit_temperature, save
 
 SPEC = {"architecture": "IndependentDigitJudge", "kwargs": {"hidden": [128, 64], "n_prototypes": 2160,
                                                             "blur_sigma": 0.8}}
@@ -60,24 +60,6 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     return (x + noise).clamp(0, 1)
 
 
-def fit_mlp(judge: IndependentDigitJudge, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
-    """The orientation-descriptor expert: AdamW, cosine decay, a fresh augmented view of every image each epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    params = [*judge.body.parameters(), *judge.head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    steps = RECIPE["epochs"] * math.ceil(len(images) / RECIPE["batch_size"])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    judge.train()
-    for _ in range(RECIPE["epochs"]):
-        for batch in torch.randperm(len(images), generator=generator).split(RECIPE["batch_size"]):
-            loss = F.cross_entropy(judge.mlp_logits(strong_augment(images[batch], generator)), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    judge.eval()
-
-
 def fit_prototypes(judge: IndependentDigitJudge, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
     """The prototype expert's memory: each image blurred plus `prototype_views` augmented views; the kernel width τ
     minimises the leave-one-image-out NLL of the originals (an image's own views excluded)."""
@@ -110,13 +92,12 @@ def load_data(seed: int) -> dict:
 
 
 def train(seed: int, out: Path) -> dict:
-    from safetensors.torch import save_file
-
     data = load_data(seed)
     torch.manual_seed(seed)
     judge = IndependentDigitJudge(**{k: tuple(v) if isinstance(v, list) else v for k, v in SPEC["kwargs"].items()})
     start = time.perf_counter()
-    fit_mlp(judge, *data["fit"], seed=seed)
+    # the orientation-descriptor expert: the shipped classifiers' AdamW + cosine recipe on strong augmentations
+    fit(judge, *data["fit"], recipe=RECIPE, seed=seed, augment_fn=strong_augment, logits_fn=judge.mlp_logits)
     fit_prototypes(judge, *data["fit"], seed=seed)
     with torch.no_grad():
         temperature = fit_temperature(judge(data["calibration"][0]), data["calibration"][1])
@@ -138,13 +119,8 @@ def train(seed: int, out: Path) -> dict:
             "parameters": sum(p.numel() for p in judge.parameters()),
             "train_seconds": seconds, "seed": seed, "threads": torch.get_num_threads(),
         }
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in judge.state_dict().items()}
-    save_file(state, str(out / f"{NAME}.safetensors"), metadata={"format": "pt"})
-    config = {"name": NAME, **SPEC, "temperature": temperature, "image_shape": [1, 8, 8], "num_classes": 10,
-              "input": "images in [0, 1], background 0", "trained_on": metrics["trained_on"], "seed": seed,
-              "recipe": RECIPE, "fit_rows": data["fit_rows"]}
-    (out / f"{NAME}.json").write_text(json.dumps(config, indent=2) + "\n")
+    save(NAME, judge, {**SPEC, "recipe": RECIPE}, temperature, seed, out, trained_on=metrics["trained_on"],
+         fit_rows=data["fit_rows"])
     (out / f"{NAME}_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
