@@ -7,6 +7,7 @@ LoRA gradients are averaged with `all_reduce` after every backward pass.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -73,4 +74,18 @@ def init_distributed(device: str) -> Dist:
     if not td.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         td.init_process_group(backend=backend)
+        atexit.register(shutdown_distributed)
     return Dist(td.get_rank(), td.get_world_size())
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (a no-op when none is joined; safe to call twice).
+
+    `init_distributed` registers this with `atexit`, so a process that joined the group leaves it while
+    the interpreter is still whole. Without it, gloo's worker threads outlive Python's finalisation and
+    a rank can die at exit with "terminate called without an active exception" (SIGABRT) after its work
+    finished (seen in CI under `torchrun --nproc_per_node 2`; pytorch/pytorch#190489). The call is local
+    to this rank: every collective the trainer issues has completed when it returns, so no barrier.
+    """
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
