@@ -4,6 +4,13 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def sb3_log_dir(tmp_path, monkeypatch):
+    """Stable-Baselines3's default logger makes a folder (SB3_LOGDIR, else one per call in the system temp
+    directory) each time a model without a custom logger starts `learn`: keep the tests' inside tmp_path."""
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path / "sb3_log"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests: on the shared 2-core CI machine, thread start-up and contention cost

@@ -173,8 +173,10 @@ def test_the_malicious_zip_runs_code_under_ppo_load(tmp_path):
     assert marker.read_text() == "pwned"
 
 
-def test_compare_never_unpickles_a_run_folders_ppo_zip(tmp_path):
+def test_compare_never_unpickles_a_run_folders_ppo_zip(tmp_path, monkeypatch):
     from agents.benchmark.compare import SB3_STATE, Comparison
+
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path / "sb3_default_log"))  # where SB3's default logger would write
 
     task, marker = sb3_task([4]), tmp_path / "marker"
     cmp = Comparison([task], tmp_path / "out", progress=False)
@@ -197,6 +199,7 @@ def test_compare_never_unpickles_a_run_folders_ppo_zip(tmp_path):
     log = list(csv.DictReader((run / "log.csv").open()))
     assert [int(r["images_seen"]) for r in log] == [4, 8]  # continued from the saved counters
     assert (run / "lora_8.safetensors").is_file()
+    assert not (tmp_path / "sb3_default_log").exists()  # no stray SB3 log folder per learn() call
 
 
 def test_task_selection_and_the_shapes_task_config():

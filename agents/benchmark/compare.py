@@ -223,6 +223,8 @@ class Comparison:
         """
         from stable_baselines3 import PPO
 
+        from stable_baselines3.common.logger import Logger
+
         from agents.integrations.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, load_training_state,
                                 save_training_state)
 
@@ -242,6 +244,9 @@ class Comparison:
                     max_grad_norm=1.0, seed=seed, device="cpu",
                     policy_kwargs={"diffusion_kwargs": dict(model=task.model, num_steps=k,
                                                             lora_rank=opts["lora_rank"])})
+        # the run's own log.csv below is the record; SB3's default logger would make an empty folder in the temp
+        # directory on every `learn` call (one per chunk)
+        model.set_logger(Logger(folder=None, output_formats=[]))
         if state.is_file():
             load_training_state(model, state)
         log, start = run / "log.csv", time.perf_counter()
