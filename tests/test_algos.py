@@ -118,14 +118,14 @@ def test_ratio_is_one_at_old_parameters(name, model):
 def test_loss_returns_named_terms_and_detached_diagnostics(name, model):
     """The contract of `agents.losses`: `loss_*` terms keep their graph and sum to the objective, every other
     entry is a detached scalar; β·KL is its own term, next to the unweighted `kl_to_ref` diagnostic."""
-    algo, policy, env = build(name, model, **({"kl_coef": 0.5} if name in ("grpo", "nft") else {}))
+    algo, policy, env = build(name, model, **({"kl_coef": 0.5} if name in ("grpo", "nft", "fdfo") else {}))
     out = algo.loss(prepare(algo, rollout_of(policy, env)))
     terms = {k for k in out if k.startswith("loss_")}
     assert "loss_policy" in terms and all(v.dim() == 0 for v in out.values())
     assert all(out[k].requires_grad for k in terms)
     assert not any(v.requires_grad for k, v in out.items() if k not in terms)
     assert torch.equal(total_loss(out), sum(out[k] for k in out if k in terms))
-    if name in ("grpo", "nft"):
+    if name in ("grpo", "nft", "fdfo"):
         assert out["loss_kl"].item() == pytest.approx(0.5 * out["kl_to_ref"].item(), rel=1e-6)
     if name in ("ddpo", "grpo", "fpo", "fdfo"):  # ratio diagnostics from the shared `ratio_diagnostics`
         assert {"ratio_mean", "ratio_max", "ratio_min", "approx_kl", "ess"} <= out.keys()
@@ -198,12 +198,14 @@ def test_only_lora_parameters_get_gradients(name, model):
             assert p.grad is None, n
 
 
+@pytest.mark.parametrize("name", ["nft", "fdfo"])
 @pytest.mark.parametrize("model", list(FAMILY))
-def test_nft_reference_term_vanishes_at_the_base(model):
-    algo, policy, env = build("nft", model, perturb=False, kl_coef=1.0)
+def test_reference_term_vanishes_at_the_base(name, model):
+    """At the base (a zero LoRA) the anchor λ‖out_θ − out_ref‖² is 0 and the objective is the one without it."""
+    algo, policy, env = build(name, model, perturb=False, kl_coef=1.0)
     out = backward(algo, prepare(algo, rollout_of(policy, env)))
     assert out["kl_to_ref"].item() == pytest.approx(0.0, abs=1e-10)
-    algo_off, policy_off, env_off = build("nft", model, perturb=False)
+    algo_off, policy_off, env_off = build(name, model, perturb=False)
     out_off = backward(algo_off, prepare(algo_off, rollout_of(policy_off, env_off)))
     assert total_loss(out).item() == pytest.approx(total_loss(out_off).item(), rel=1e-6)
 
