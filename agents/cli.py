@@ -59,6 +59,8 @@ class CompareOptions:
     """tiny budgets and eval sets (CI smoke run, < 5 min)"""
     tasks: list[str] | None = None
     """run only these [[task]] names of the config (default: all)"""
+    seeds: list[int] | None = None
+    """run only these training seeds of each task (default: all); processes sharing one --out can split the seeds"""
     progress: bool = True
     """progress bars"""
 
@@ -183,7 +185,7 @@ def subcommands() -> dict[str, tuple[dict, list[tuple], Any]]:
     abflags[[f.name for f in dataclasses.fields(ab.ABOptions)].index("reward")] = (
         ab.ABOptions, "reward", {"action": "append", "type": str,
                                  "help": field_docs(ab.ABOptions)["reward"] + ". NAME: " + " | ".join(rewards.names())})
-    compare = [(CompareOptions, f.name, {"metavar": "NAME"} if f.name == "tasks" else {})
+    compare = [(CompareOptions, f.name, {"tasks": {"metavar": "NAME"}, "seeds": {"metavar": "SEED"}}.get(f.name, {}))
                for f in dataclasses.fields(CompareOptions)]
     compare[0] = (CompareOptions, "config", {"help": field_docs(CompareOptions)["config"] + ". Keys and defaults: "
                                                     + _task_help()})
@@ -245,7 +247,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from agents.benchmark.compare import Comparison, load_tasks
 
-    tasks = load_tasks(a.config, quick=a.quick, names=a.tasks)
+    tasks = load_tasks(a.config, quick=a.quick, names=a.tasks, seeds=a.seeds)
     start = time.perf_counter()
     Comparison(tasks, a.out, progress=a.progress).run()
     print((Path(a.out) / "results.md").read_text())

@@ -109,6 +109,16 @@ def test_task_algo_overrides_update_the_shared_ones_per_algorithm(tmp_path):
     assert b.algo_overrides == {"grpo": {"lr": 1e-3, "minibatch_size": 48}, "nft": {"lr": 2e-3}}
 
 
+def test_seed_selection_keeps_the_order_and_names_a_missing_seed(tmp_path):
+    """`--seeds` splits one config's runs across processes sharing an --out (the cache keys hold the seed)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('seeds = [0, 1, 2]\n[[task]]\nname = "a"\n[[task]]\nname = "b"\nseeds = [1, 2, 3]\n')
+    assert [t.seeds for t in load_tasks(cfg, seeds=[2, 1])] == [[1, 2], [1, 2]]
+    assert [t.seeds for t in load_tasks(cfg)] == [[0, 1, 2], [1, 2, 3]]
+    with pytest.raises(ValueError, match=r"task 'b' has no training seeds \[0\]; expected some of \[1, 2, 3\]"):
+        load_tasks(cfg, seeds=[0])
+
+
 @pytest.mark.parametrize("name", ["../../../x", "/tmp/x", "a/b", "..", ""])
 def test_task_names_cannot_leave_the_output_folder(tmp_path, name):
     from agents.benchmark.compare import Comparison, Task

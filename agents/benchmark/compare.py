@@ -108,8 +108,11 @@ class Task:
                              "batches avoid them (e.g. the default 0)")
 
 
-def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = None) -> list[Task]:
-    """Tasks from a TOML file: top-level keys are defaults, each `[[task]]` table a task (only `names`, if given)."""
+def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = None,
+               seeds: list[int] | None = None) -> list[Task]:
+    """Tasks from a TOML file: top-level keys are defaults, each `[[task]]` table a task (only `names`, if given;
+    only the training `seeds` of each, if given: several processes sharing one `--out` can then split the seeds,
+    and a last call with all of them reassembles the report from the per-entry cache)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -146,6 +149,12 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
         if unknown:
             raise ValueError(f"{path}: no [[task]] named {unknown}; expected some of {names}")
         tasks = [t for t in tasks if t.name in selected]
+    if seeds is not None:
+        for t in tasks:
+            missing = sorted(set(seeds) - set(t.seeds))
+            if missing:
+                raise ValueError(f"{path}: task {t.name!r} has no training seeds {missing}; expected some of {t.seeds}")
+            t.seeds = [s for s in t.seeds if s in seeds]
     return tasks
 
 
