@@ -8,7 +8,8 @@ Every point of the grid (the Cartesian product of `--grid KEY=V1,V2,…`, on top
 defaults) trains one run per seed with `diffenv train --probe-every … --probe-images …`, each in its own process
 with one torch thread (`--jobs` at a time). The CFG reference points are sampled on the same validation probe set
 (`agents.benchmark.evaluation.eval_probe`: seed 999, the trainer's probe protocol) at `--cfg-scales`. The table
-reports, per grid point (mean over seeds): the last probe's judge score, diversity, reward and KL to the base;
+reports, per grid point (mean over seeds): the last probe's judge score, diversity, reward and KL to the base, the
+mean judge score over the probes of the budget's second half (steadier than one probe);
 the best CFG point's judge score reached at no worse diversity (`images_to_reach`, "—" if not), and the
 checkpoint `select_checkpoint` picks. Rows land in OUT/sweep.csv and OUT/sweep.md; finished runs are reused.
 Only validation probes are read: this is for choosing hyperparameters, never for reporting test numbers.
@@ -125,7 +126,7 @@ def cfg_reference(args) -> list[dict]:
 def summarise_point(runs: list[Path], best_cfg: dict, protocol) -> dict:
     from agents.benchmark.curves import images_to_reach, probe_curve, select_checkpoint
 
-    finals, reach, selected = [], [], []
+    finals, reach, selected, late = [], [], [], []
     for out in runs:
         with open(out / "log.csv") as f:
             rows = list(csv.DictReader(f))
@@ -135,13 +136,16 @@ def summarise_point(runs: list[Path], best_cfg: dict, protocol) -> dict:
         finals.append({"score": float(last["probe_judge_accuracy"]), "diversity": float(last[f"probe_{protocol.diversity}"]),
                        "reward": float(last["probe_reward"]), "kl": float(last.get("kl_to_base") or math.nan),
                        "wall": float(rows[-1]["wall_time_s"])})
+        half = max(p.images for p in curve) / 2  # one probe is noisy (200 images on shapes): the second half's mean
+        late.append(float(np.mean([p.score for p in curve if p.images > half])))
         reach.append(images_to_reach(curve, best_cfg["score"], best_cfg["diversity"],
                                      protocol.diversity_lower_is_better))
         pick = select_checkpoint(curve, protocol.diversity_lower_is_better)
         selected.append((pick.images, pick.score, pick.diversity))
     mean = lambda key: float(np.mean([f[key] for f in finals]))  # noqa: E731
     got = [r for r in reach if r is not None]
-    return {"score": mean("score"), "diversity": mean("diversity"), "reward": mean("reward"), "kl": mean("kl"),
+    return {"score": mean("score"), "score_late": float(np.mean(late)), "diversity": mean("diversity"),
+            "reward": mean("reward"), "kl": mean("kl"),
             "wall_s": mean("wall"), "reached": f"{len(got)}/{len(reach)}",
             "images_to_cfg": float(np.mean(got)) if got else math.nan,
             "selected_images": float(np.mean([s[0] for s in selected])),
@@ -204,12 +208,12 @@ def main(argv=None) -> None:
              f"Training wall time of this invocation: {train_wall:.0f} s ({args.jobs} jobs, 1 thread each).", "",
              "CFG on the probe set: " + ", ".join(f"w={q['w']:g} {q['score']:.3f} / {q['diversity']:.2f}" for q in points)
              + f"; best: w={best['w']:g}.", "",
-             f"| point | judge (last) | {d} (last) | reward (last) | KL to base | reached best CFG | images to CFG "
-             f"| selected: images, judge, {d} | dominates CFG w>1 | s/run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| point | judge (last) | judge (mean, 2nd half) | {d} (last) | reward (last) | KL to base | reached best "
+             f"CFG | images to CFG | selected: images, judge, {d} | dominates CFG w>1 | s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = "—" if math.isnan(r["images_to_cfg"]) else f"{r['images_to_cfg']:.0f}"
-        lines.append(f"| {r['point']} | {r['score']:.3f} | {r['diversity']:.2f} | {r['reward']:.3f} | {r['kl']:.3g} "
+        lines.append(f"| {r['point']} | {r['score']:.3f} | {r['score_late']:.3f} | {r['diversity']:.2f} | {r['reward']:.3f} | {r['kl']:.3g} "
                      f"| {r['reached']} | {reach} | {r['selected_images']:.0f}, {r['selected_score']:.3f}, "
                      f"{r['selected_diversity']:.2f} | {'yes' if r['dominates_cfg'] else 'no'} | {r['wall_s']:.0f} |")
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -50,6 +51,13 @@ def test_sweep_runs_a_grid_reads_its_probe_curves_and_reuses_finished_runs(tmp_p
     assert "| lr=1e-3 |" in table and "| lr=3e-4 |" in table and "best: w=" in table
     logs = sorted(out.glob("*/log.csv"))
     assert [p.parent.name for p in logs] == ["lr=1e-3_seed0", "lr=3e-4_seed0"]
+    # "mean, 2nd half": the probes after half the budget (here the one at 32 images; the other is at 16)
+    summary = {r["point"]: r for r in csv.DictReader((out / "sweep.csv").open())}
+    for log in logs:
+        probes = {int(r["images_seen"]): float(r["probe_judge_accuracy"]) for r in csv.DictReader(log.open())
+                  if r["probe_judge_accuracy"]}
+        assert sorted(probes) == [16, 32]
+        assert float(summary[log.parent.name.removesuffix("_seed0")]["score_late"]) == pytest.approx(probes[32])
     stamps = [p.stat().st_mtime_ns for p in logs]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "done:" not in proc.stdout  # nothing retrained
