@@ -182,8 +182,11 @@ def main(argv=None) -> None:
     jobs = [(command(args, point, seed, args.out / run_name(point, seed)), args.out / run_name(point, seed))
             for point in grid for seed in args.seeds]
     start = time.perf_counter()
-    run_all([j for j in jobs if not finished(j[1], args.images)], args.jobs)
-    train_wall = time.perf_counter() - start
+    todo = [j for j in jobs if not finished(j[1], args.images)]
+    run_all(todo, args.jobs)
+    train_wall = (f"Training wall time of this invocation: {time.perf_counter() - start:.0f} s ({len(todo)} runs, "
+                  f"{args.jobs} jobs, 1 thread each)." if todo else
+                  "Every run was reused from an earlier invocation (training time per run: s/run).")
     points = cfg_reference(args)
     rank = rank_key(protocol)  # compare's rule for CFG's best point: judge score to 3 decimals, then diversity
     best = max(points, key=lambda q: rank({"judge_accuracy": q["score"], protocol.diversity: q["diversity"]}))
@@ -205,7 +208,7 @@ def main(argv=None) -> None:
     lines = [f"# {args.algo} sweep on {args.model} ({args.num_steps or 'default'} steps, reward {args.reward})", "",
              f"{args.images} images per run, seeds {args.seeds}, base config {' '.join(args.set) or '(defaults)'}; "
              f"validation probe set: {args.probe_images} images (seed 999) every {args.probe_every} epochs. "
-             f"Training wall time of this invocation: {train_wall:.0f} s ({args.jobs} jobs, 1 thread each).", "",
+             train_wall, "",
              "CFG on the probe set: " + ", ".join(f"w={q['w']:g} {q['score']:.3f} / {q['diversity']:.2f}" for q in points)
              + f"; best: w={best['w']:g}.", "",
              f"| point | judge (last) | judge (mean, 2nd half) | {d} (last) | reward (last) | KL to base | reached best "

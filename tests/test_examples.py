@@ -49,6 +49,7 @@ def test_sweep_runs_a_grid_reads_its_probe_curves_and_reuses_finished_runs(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "sweep.md").read_text()
     assert "| lr=1e-3 |" in table and "| lr=3e-4 |" in table and "best: w=" in table
+    assert "Training wall time of this invocation:" in table and "(2 runs, 2 jobs" in table
     logs = sorted(out.glob("*/log.csv"))
     assert [p.parent.name for p in logs] == ["lr=1e-3_seed0", "lr=3e-4_seed0"]
     # "mean, 2nd half": the probes after half the budget (here the one at 32 images; the other is at 16)
@@ -62,6 +63,7 @@ def test_sweep_runs_a_grid_reads_its_probe_curves_and_reuses_finished_runs(tmp_p
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "done:" not in proc.stdout  # nothing retrained
     assert [p.stat().st_mtime_ns for p in logs] == stamps
+    assert "Every run was reused from an earlier invocation" in (out / "sweep.md").read_text()
     bad = subprocess.run(cmd[:cmd.index("--grid")] + ["--grid", "lr", "--out", str(tmp_path / "bad")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--grid: expected KEY=V1,V2,..., got 'lr'" in bad.stderr
