@@ -208,7 +208,7 @@ def main(argv=None) -> None:
     lines = [f"# {args.algo} sweep on {args.model} ({args.num_steps or 'default'} steps, reward {args.reward})", "",
              f"{args.images} images per run, seeds {args.seeds}, base config {' '.join(args.set) or '(defaults)'}; "
              f"validation probe set: {args.probe_images} images (seed 999) every {args.probe_every} epochs. "
-             train_wall, "",
+             + train_wall, "",
              "CFG on the probe set: " + ", ".join(f"w={q['w']:g} {q['score']:.3f} / {q['diversity']:.2f}" for q in points)
              + f"; best: w={best['w']:g}.", "",
              f"| point | judge (last) | judge (mean, 2nd half) | {d} (last) | reward (last) | KL to base | reached best "
