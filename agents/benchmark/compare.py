@@ -231,7 +231,6 @@ class Comparison:
         from an SB3 `.zip`, whose loading unpickles whatever the run folder holds.
         """
         from stable_baselines3 import PPO
-
         from stable_baselines3.common.logger import Logger
 
         from agents.integrations.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, load_training_state,
