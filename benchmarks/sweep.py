@@ -211,12 +211,13 @@ def main(argv=None) -> None:
              + train_wall, "",
              "CFG on the probe set: " + ", ".join(f"w={q['w']:g} {q['score']:.3f} / {q['diversity']:.2f}" for q in points)
              + f"; best: w={best['w']:g}.", "",
-             f"| point | judge (last) | judge (mean, 2nd half) | {d} (last) | reward (last) | KL to base | reached best "
-             f"CFG | images to CFG | selected: images, judge, {d} | dominates CFG w>1 | s/run |",
+             f"| point | judge (last) | judge (mean, 2nd half) | {d} (last) | reward (last) | KL to base "
+             f"| reached best CFG | images to CFG | selected: images, judge, {d} | dominates CFG w>1 | s/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = "—" if math.isnan(r["images_to_cfg"]) else f"{r['images_to_cfg']:.0f}"
-        lines.append(f"| {r['point']} | {r['score']:.3f} | {r['score_late']:.3f} | {r['diversity']:.2f} | {r['reward']:.3f} | {r['kl']:.3g} "
+        lines.append(f"| {r['point']} | {r['score']:.3f} | {r['score_late']:.3f} | {r['diversity']:.2f} "
+                     f"| {r['reward']:.3f} | {r['kl']:.3g} "
                      f"| {r['reached']} | {reach} | {r['selected_images']:.0f}, {r['selected_score']:.3f}, "
                      f"{r['selected_diversity']:.2f} | {'yes' if r['dominates_cfg'] else 'no'} | {r['wall_s']:.0f} |")
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")

@@ -201,7 +201,7 @@ def test_only_lora_parameters_get_gradients(name, model):
 @pytest.mark.parametrize("name", ["nft", "fdfo"])
 @pytest.mark.parametrize("model", list(FAMILY))
 def test_reference_term_vanishes_at_the_base(name, model):
-    """At the base (a zero LoRA) the anchor λ‖out_θ − out_ref‖² is 0 and the objective is the one without it."""
+    """At the base (a zero LoRA) the anchor λ‖out_θ − out_ref‖² is 0; the objective is the one without it."""
     algo, policy, env = build(name, model, perturb=False, kl_coef=1.0)
     out = backward(algo, prepare(algo, rollout_of(policy, env)))
     assert out["kl_to_ref"].item() == pytest.approx(0.0, abs=1e-10)
