@@ -41,6 +41,16 @@ def gaussian_kl_equal_std(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch
     return sq / (2 * std.pow(2))
 
 
+def output_anchor(output: torch.Tensor, ref_output: torch.Tensor) -> torch.Tensor:
+    """mean ‖f_θ − f_ref‖² (over latent dims, then samples): DiffusionNFT's reference term, also FDFO's anchor."""
+    return per_sample_mean((output - ref_output).pow(2)).mean()
+
+
+def kl_terms(kl: torch.Tensor, coef: float) -> dict[str, torch.Tensor]:
+    """A reference term in the contract's two forms: `loss_kl` = coef · kl (keeps its graph), `kl_to_ref` = kl."""
+    return {"loss_kl": coef * kl, "kl_to_ref": kl.detach()}
+
+
 @torch.no_grad()
 def ratio_diagnostics(log_ratio: torch.Tensor) -> dict[str, torch.Tensor]:
     """Detached statistics of importance ratios ρ = exp(log ρ) [B] (TorchRL's PPO reports the same):

@@ -43,7 +43,7 @@ from tensordict import TensorDict
 
 from agents.advantages import group_centred
 from agents.algos.base import AlgoConfig, Algorithm
-from agents.losses import per_sample_mean, ratio_diagnostics
+from agents.losses import kl_terms, output_anchor, per_sample_mean, ratio_diagnostics
 from agents.rollout import transitions
 from diffenv.forward import x0_sign
 from diffenv.validation import bounds
@@ -94,14 +94,15 @@ class FDFO(Algorithm):
         rms = (per_sample_mean(d.pow(2)) + self.cfg.dir_eps).sqrt()
         rollout["directions"] = d / rms.view(-1, *([1] * (d.dim() - 1)))  # d̃_i
         items = transitions(rollout, stochastic_only=False)  # every visited state x_T … x_1
-        old = torch.cat([self.policy.model_output(mb["latents"], mb["step_index"], mb["conditions"])
-                         for mb in items.split(self.cfg.minibatch_size)])
-        items["targets"] = old + self.x0_sign * items["directions"]  # v* = v_old − d̃ (flow, ε, v)
+        items["targets"] = self._outputs(items) + self.x0_sign * items["directions"]  # v* = v_old − d̃ (flow, ε, v)
         if self.cfg.kl_coef > 0:
-            items["ref_outputs"] = torch.cat([
-                self.policy.model_output(mb["latents"], mb["step_index"], mb["conditions"], reference=True)
-                for mb in items.split(self.cfg.minibatch_size)])
+            items["ref_outputs"] = self._outputs(items, reference=True)
         return items
+
+    def _outputs(self, items: TensorDict, reference: bool = False) -> torch.Tensor:
+        """The network's output at every visited state, in minibatches (`reference`: the frozen base)."""
+        return torch.cat([self.policy.model_output(mb["latents"], mb["step_index"], mb["conditions"], reference)
+                          for mb in items.split(self.cfg.minibatch_size)])
 
     def loss(self, items: TensorDict) -> dict:
         v_theta = self.policy.model_output(items["latents"], items["step_index"], items["conditions"])
@@ -113,7 +114,5 @@ class FDFO(Algorithm):
         out |= ratio_diagnostics(log_ratio.detach())
         out["reward_diff_abs"] = dr.abs().mean().detach()
         if self.cfg.kl_coef > 0:
-            kl = per_sample_mean((v_theta - items["ref_outputs"]).pow(2)).mean()
-            out["loss_kl"] = self.cfg.kl_coef * kl
-            out["kl_to_ref"] = kl.detach()
+            out |= kl_terms(output_anchor(v_theta, items["ref_outputs"]), self.cfg.kl_coef)
         return out

@@ -17,7 +17,7 @@ from tensordict import TensorDict
 
 from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm
-from agents.losses import clipped_surrogate, gaussian_kl_equal_std
+from agents.losses import clipped_surrogate, gaussian_kl_equal_std, kl_terms
 from agents.rollout import transitions
 from diffenv.samplers import gaussian_log_prob
 from diffenv.validation import bounds
@@ -60,7 +60,5 @@ class GRPO(Algorithm):
         if self.cfg.kl_coef > 0:
             with torch.no_grad():
                 ref_mean, _ = self.policy.distribution(x, k, c, reference=True)
-            kl = gaussian_kl_equal_std(mean, ref_mean, std).mean()
-            out["loss_kl"] = self.cfg.kl_coef * kl
-            out["kl_to_ref"] = kl.detach()
+            out |= kl_terms(gaussian_kl_equal_std(mean, ref_mean, std).mean(), self.cfg.kl_coef)
         return out

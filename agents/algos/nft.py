@@ -43,7 +43,7 @@ from tensordict import TensorDict
 
 from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm
-from agents.losses import per_sample_mean
+from agents.losses import kl_terms, output_anchor, per_sample_mean
 from diffenv.forward import ForwardProcess
 from diffenv.validation import SEED, bounds
 
@@ -155,9 +155,7 @@ class DiffusionNFT(Algorithm):
                     + (1 - r) * per_sample_mean(res_neg.pow(2)) / w_neg) / beta
         out = {"loss_policy": per_item.mean()}
         if self.cfg.kl_coef > 0:
-            kl = per_sample_mean((v_theta - items["ref_outputs"]).pow(2)).mean()
-            out["loss_kl"] = self.cfg.kl_coef * kl
-            out["kl_to_ref"] = kl.detach()
+            out |= kl_terms(output_anchor(v_theta, items["ref_outputs"]), self.cfg.kl_coef)
         with torch.no_grad():
             out["old_deviate"] = per_sample_mean((v_theta - v_old).pow(2)).mean()
             out["r_mean"] = r.mean()
