@@ -4,11 +4,14 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def sb3_log_dir(tmp_path, monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def sb3_log_dir(tmp_path_factory):
     """Stable-Baselines3's default logger makes a folder (SB3_LOGDIR, else one per call in the system temp
-    directory) each time a model without a custom logger starts `learn`: keep the tests' inside tmp_path."""
-    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path / "sb3_log"))
+    directory) each time a model without a custom logger starts `learn`: keep the tests' in pytest's temp folder
+    (one for the session, not a temp folder made for every test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3_log")))
+        yield
 
 
 @pytest.fixture(scope="module")
