@@ -46,8 +46,8 @@ class GRPO(Algorithm):
     def prepare(self, rollout: TensorDict) -> TensorDict:
         rollout["advantages"] = group_advantages(rollout["rewards"], rollout["group_ids"], self.cfg.adv_eps)
         items = transitions(rollout)
-        stds = items["stds"]
-        items["ratio_scales"] = stds / stds.mean() if self.cfg.ratio_norm else torch.ones_like(stds)
+        if self.cfg.ratio_norm:
+            items["ratio_scales"] = items["stds"] / items["stds"].mean()
         return items
 
     def loss(self, items: TensorDict) -> dict:
@@ -55,7 +55,9 @@ class GRPO(Algorithm):
         mean, std = self.policy.distribution(x, k, c)
         log_prob = gaussian_log_prob(items["next_latents"], mean, std)
         late = k >= self.policy.num_steps // 2
-        log_ratio = (log_prob - items["log_probs"]) * items["ratio_scales"]
+        log_ratio = log_prob - items["log_probs"]
+        if self.cfg.ratio_norm:
+            log_ratio = log_ratio * items["ratio_scales"]
         out = clipped_surrogate(log_ratio, items["advantages"], self.cfg.clip_range, late)
         if self.cfg.kl_coef > 0:
             with torch.no_grad():
