@@ -160,8 +160,8 @@ def _model_flags(cls: type, conditions_help: str) -> list[tuple]:
 #: `train`'s TrainConfig fields (in --help order); `cmd_train` builds the config from exactly these
 #: (every field but `algo_overrides`, from `--set`, and `model_kwargs`, from `--prompts`)
 TRAIN_FIELDS = ("algo", "model", "reward", "device", "conditions", "images", "out", "seed", "num_steps",
-                "guidance_scale", "lora_rank", "grid_every", "eval_images", "probe_every", "probe_images",
-                "keep_probe_loras", "progress")
+                "eval_num_steps", "guidance_scale", "lora_rank", "grid_every", "eval_images", "kl_samples",
+                "probe_every", "probe_images", "keep_probe_loras", "progress")
 
 
 def subcommands() -> dict[str, tuple[dict, list[tuple], Any]]:

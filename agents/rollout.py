@@ -11,6 +11,7 @@ A rollout is a `TensorDict` with batch size `[B]` (one row per generated image):
 | `group_ids` | [B] | sub-envs sharing a condition (and, with `share_noise`, x_T) share a group id |
 | `final_images` | [B, C', H', W'] | decoded x_0 in [0, 1] |
 | `rewards` | [B] | terminal reward from the env |
+| `train_steps` | [B, K] | optional: the steps the update trains on (`random_step_subset`; absent = every step) |
 
 Algorithms add what they need in their `prepare` step (advantages, old model outputs, …).
 """
@@ -59,12 +60,31 @@ def collect_rollout(policy: DiffusionPolicy, env, generator: torch.Generator) ->
     )
 
 
+def random_step_subset(eligible: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """A random subset of each trajectory's steps to train on (DanceGRPO / MixGRPO's lever): bool [B, K].
+
+    Row i keeps m_i = max(1, round(fraction · n_i)) of its n_i `eligible` steps [B, K], drawn uniformly without
+    replacement. Each eligible step of row i is then kept with probability m_i / n_i, so a loss that is a mean
+    over a trajectory's steps, estimated by the mean over the kept ones, is unbiased: E[(1/m) Σ_kept ℓ_k] =
+    (1/n) Σ ℓ_k (tests/test_rollout.py checks it). Draws come from `generator` (CPU), so resume stays exact.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction}: expected 0 < fraction <= 1")
+    n = eligible.sum(1, keepdim=True)  # [B, 1]
+    keep = (n * fraction).round().clamp(min=1)
+    scores = torch.rand(eligible.shape, generator=generator).to(eligible.device)
+    scores = scores.masked_fill(~eligible, 2.0)  # ineligible steps sort last
+    rank = scores.argsort(1).argsort(1)  # each step's position in a random order of the row's eligible steps
+    return eligible & (rank < keep)
+
+
 def transitions(rollout: TensorDict, stochastic_only: bool = True) -> TensorDict:
     """Flatten a rollout into its per-step transitions: batch [B·K'] with x_t, x_{t−1}, k, c, ….
 
     Keys: `latents`, `next_latents`, `step_index`, `conditions`, `log_probs`, `sample_index`, plus every
     other per-sample key of the rollout broadcast to its steps (e.g. `advantages`). With
-    `stochastic_only`, steps whose σ is 0 are dropped: their log-prob is a constant 0.
+    `stochastic_only`, steps whose σ is 0 are dropped: their log-prob is a constant 0. With a `train_steps`
+    mask in the rollout, only the steps it keeps are returned.
     """
     b, k = rollout["log_probs"].shape
     lat = rollout["latents"]
@@ -76,11 +96,15 @@ def transitions(rollout: TensorDict, stochastic_only: bool = True) -> TensorDict
         "stds": rollout["stds"].reshape(-1),
         "sample_index": torch.arange(b, device=lat.device).repeat_interleave(k),
     }
-    skip = {"latents", "log_probs", "stds", "final_images"}
+    skip = {"latents", "log_probs", "stds", "final_images", "train_steps"}
     for key in rollout.keys():
         if key not in skip and key not in per_step:
             per_step[key] = rollout[key].repeat_interleave(k, dim=0)
     td = TensorDict(per_step, batch_size=[b * k], device=lat.device)
-    if stochastic_only:
-        td = td[(td["stds"] > 0).nonzero().squeeze(1)]  # one index for every key: one host sync, not one per key
+    keep = td["stds"] > 0 if stochastic_only else None
+    if "train_steps" in rollout.keys():
+        mask = rollout["train_steps"].reshape(-1)
+        keep = mask if keep is None else keep & mask
+    if keep is not None:
+        td = td[keep.nonzero().squeeze(1)]  # one index for every key: one host sync, not one per key
     return td

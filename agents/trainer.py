@@ -7,6 +7,7 @@ lock, crash-safe writes and checksummed checkpoints live in `agents.runfolder`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
@@ -21,7 +22,7 @@ from agents.algos import ALGORITHMS, make_algorithm_config
 from agents.distributed import init_distributed
 from agents.losses import DeviceMeans, gaussian_kl_equal_std, total_loss
 from agents.policy import DiffusionPolicy
-from agents.rollout import collect_rollout
+from agents.rollout import collect_rollout, random_step_subset
 from agents.runfolder import CHECKPOINT, GRIDS, LOG, LORA, RunError, RunFolder, non_finite
 from diffenv.validation import DEVICE, SEED, bounds, validate_fields
 
@@ -31,7 +32,9 @@ CHECKPOINT_KEYS = ("format", "train_config", "algo_config", "world_size", "epoch
                    "wall_time", "lora", "optimizer", "algo_state", "rng", "log")
 #: config fields that may differ on --resume (the budget can be extended, paths and display change)
 RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images", "probe_every", "probe_images",
-                     "keep_probe_loras"}
+                     "keep_probe_loras", "eval_num_steps", "kl_samples"}
+#: the phases of an epoch `Trainer.phase_times` splits its time into (the env's reward call is inside `rollout`)
+PHASES = ("rollout", "prepare", "loss", "backward", "diagnostics")
 #: the LoRA of the probe after `images` images, kept with `keep_probe_loras` (for checkpoint selection, §6)
 PROBE_LORA = "lora_probe_{images}.safetensors"
 
@@ -54,7 +57,10 @@ class TrainConfig:
     seed: int = field(default=0, metadata=SEED)
     """seed of the LoRA init, rollouts and shuffling"""
     num_steps: int | None = field(default=None, metadata=bounds(ge=1))
-    """sampler steps per image (default: the model's, 10 for digits, 20 for shapes)"""
+    """sampler steps per training rollout (default: the model's, 10 for digits, 20 for shapes)"""
+    eval_num_steps: int | None = field(default=None, metadata=bounds(ge=1))
+    """sampler steps of the probes and the before/after evaluation, i.e. of the model you deploy (default:
+    num_steps). Fewer rollout steps than this trains cheaper (Flow-GRPO's denoising reduction: train 10, eval 40)"""
     guidance_scale: float = field(default=1.0, metadata=bounds(ge=0))
     """CFG weight while training (1.0: the guidance-free model RL is meant to produce)"""
     lora_rank: int = field(default=8, metadata=bounds(ge=1))
@@ -69,6 +75,9 @@ class TrainConfig:
     """progress bar"""
     model_kwargs: dict = field(default_factory=dict)
     """backend options, e.g. {"prompts": "prompts.txt"} for "sd:PATH" models"""
+    kl_samples: int = field(default=16, metadata=bounds(ge=1))
+    """images of each epoch whose visited states give the logged KL to the base (two forwards per stochastic step
+    each: on shapes at 16 they cost ~10 % of an epoch)"""
     probe_every: int = field(default=0, metadata=bounds(ge=0))
     """over-optimisation monitor: every N epochs (and at epoch 1) score a fixed probe set (0: off)"""
     probe_images: int = field(default=200, metadata=bounds(ge=2))
@@ -141,6 +150,8 @@ class Trainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 3000 + self.dist.rank)
         self.epoch, self.images_seen, self.nfe_total, self.wall_time = 0, 0, 0, 0.0
         self.log_rows: list[dict[str, float]] = []  # every epoch's row; log.csv is their text
+        #: seconds per phase of `PHASES`, summed over epochs, when set to a dict (a profile; None: not measured)
+        self.phase_times: dict[str, float] | None = None
         self._saved: tuple[int, tuple] | None = None  # (epoch, stat) of the checkpoint on disk, once there is one
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -164,25 +175,30 @@ class Trainer:
         the epoch together (`DeviceMeans.read`); the loss terms and diagnostics stay on the device until then."""
         start = time.perf_counter()
         self.policy.eval()
-        with self.algo.collect_context():
+        with self._phase("rollout"), self.algo.collect_context():
             rollout = collect_rollout(self.policy, self.env, self.noise_gen)
-        with torch.no_grad():
+        with self._phase("prepare"), torch.no_grad():
+            if self.algo_cfg.train_fraction < 1:
+                rollout["train_steps"] = random_step_subset(self._eligible_steps(rollout),
+                                                            self.algo_cfg.train_fraction, self.shuffle_gen)
             items = self.algo.prepare(rollout)
         diag = DeviceMeans()
         minibatch = 0
         for _ in range(self.algo_cfg.inner_epochs):
             perm = torch.randperm(len(items), generator=self.shuffle_gen).to(items.device)
             for lo in range(0, len(items), self.algo_cfg.minibatch_size):
-                terms = self.algo.loss(items[perm[lo:lo + self.algo_cfg.minibatch_size]])
-                loss = total_loss(terms)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.dist.average_gradients(self.params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.algo_cfg.max_grad_norm)
-                minibatch += 1
-                self._check_update(loss, grad_norm, minibatch)
-                self.optimizer.step()
-                self.algo.after_update()
+                with self._phase("loss"):
+                    terms = self.algo.loss(items[perm[lo:lo + self.algo_cfg.minibatch_size]])
+                    loss = total_loss(terms)
+                with self._phase("backward"):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.dist.average_gradients(self.params)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.algo_cfg.max_grad_norm)
+                    minibatch += 1
+                    self._check_update(loss, grad_norm, minibatch)
+                    self.optimizer.step()
+                    self.algo.after_update()
                 diag.add({"loss": loss, **terms, "grad_norm": grad_norm})
         self._check_state(f"during epoch {self.epoch + 1}")
         rewards = self.dist.all_gather(rollout["rewards"])
@@ -191,8 +207,10 @@ class Trainer:
         self.images_seen += n_images
         self.nfe_total += n_images * self.policy.num_steps * self.env.nfe_per_step
         self.wall_time += time.perf_counter() - start  # training time: the KL-to-base diagnostic is not in it
-        diag.add({"reward_mean": rewards.mean(), "reward_std": rewards.std(), "kl_to_base": self.kl_to_base(rollout)})
-        means = diag.read()
+        with self._phase("diagnostics"):
+            diag.add({"reward_mean": rewards.mean(), "reward_std": rewards.std(),
+                      "kl_to_base": self.kl_to_base(rollout, self.cfg.kl_samples)})
+            means = diag.read()
         if "loss_policy" in means:
             means["policy_loss"] = means["loss_policy"]  # log.csv's column from before the loss_* terms
         row = {"epoch": self.epoch, "images_seen": self.images_seen, "reward_mean": means.pop("reward_mean"),
@@ -201,6 +219,27 @@ class Trainer:
         row.update(means)
         self._last_images = rollout["final_images"]
         return row
+
+    def _eligible_steps(self, rollout) -> torch.Tensor:
+        """bool [B, K]: the steps the algorithm can train on (`Algorithm.visited_states`)."""
+        stds = rollout["stds"]
+        return stds > 0 if self.algo.visited_states == "stochastic" else torch.ones_like(stds, dtype=torch.bool)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Add the block's time to `phase_times[name]` when profiling (synchronising the device at both ends, so
+        asynchronous GPU work lands in its own phase); nothing at all otherwise."""
+        if self.phase_times is None:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.policy.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - t0
 
     def _check_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, minibatch: int) -> None:
         """Stop before a NaN/inf loss or gradient reaches the weights (one sync; every rank agrees)."""
@@ -268,7 +307,8 @@ class Trainer:
         from diffenv.sampling import generate
 
         result = generate(n, batch_size=batch_size, seed=seed, reward=self.cfg.reward, model=self.policy.backend,
-                          num_steps=self.policy.num_steps, guidance_scale=self.cfg.guidance_scale,
+                          num_steps=self.cfg.eval_num_steps or self.policy.num_steps,
+                          guidance_scale=self.cfg.guidance_scale,
                           device=self.policy.device, condition_set=self.cfg.conditions,
                           condition_repeats=condition_repeats,
                           progress=self.cfg.progress and self.dist.is_main and n > batch_size)
@@ -356,7 +396,9 @@ class Trainer:
         saved, now = dict(state["train_config"]), asdict(self.cfg)
         # algorithm options compare as resolved values: `--set lr=<the default>` is the same run as no --set
         algo = self.cfg.algo
-        saved.update({f"{algo}.{k}": v for k, v in state.get("algo_config", {}).items()})
+        # an option added since the checkpoint was written had its default then: the behaviour of the code that wrote it
+        saved_algo = {**asdict(make_algorithm_config(algo)), **state.get("algo_config", {})}
+        saved.update({f"{algo}.{k}": v for k, v in saved_algo.items()})
         now.update({f"{algo}.{k}": v for k, v in asdict(make_algorithm_config(algo, self.cfg.algo_overrides)).items()})
         ignore = RESUME_MAY_CHANGE | {"algo_overrides"}
         diff = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
@@ -417,4 +459,5 @@ def config_field_docs(cls) -> dict[str, str]:
     return docs
 
 
-__all__ = ["CHECKPOINT", "LOG", "LORA", "PROBE_LORA", "RunError", "TrainConfig", "Trainer", "config_field_docs"]
+__all__ = ["CHECKPOINT", "LOG", "LORA", "PHASES", "PROBE_LORA", "RunError", "TrainConfig", "Trainer",
+           "config_field_docs"]

@@ -55,7 +55,11 @@ def command(args, point: dict[str, str], seed: int, out: Path) -> list[str]:
            "--threads", "1", "--no-progress"]
     if (out / "checkpoint.pt").exists():  # a run cut short continues exactly where it stopped
         cmd.append("--resume")
-    if args.num_steps:
+    if args.train_num_steps:  # cheaper rollouts; probes (and the CFG reference) stay at --num-steps
+        cmd += ["--num-steps", str(args.train_num_steps)]
+        if args.num_steps:
+            cmd += ["--eval-num-steps", str(args.num_steps)]
+    elif args.num_steps:
         cmd += ["--num-steps", str(args.num_steps)]
     for s in sets:
         cmd += ["--set", s]
@@ -159,6 +163,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="digits-flow")
     p.add_argument("--reward", default="digit_classifier")
     p.add_argument("--num-steps", type=int, default=0, help="sampler steps (0: the model's default)")
+    p.add_argument("--train-num-steps", type=int, default=0,
+                   help="rollout steps of training, if fewer than --num-steps (probes stay at --num-steps)")
     p.add_argument("--images", type=int, default=4096, help="training budget per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config for every grid point")
@@ -205,7 +211,9 @@ def main(argv=None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     d = protocol.diversity
-    lines = [f"# {args.algo} sweep on {args.model} ({args.num_steps or 'default'} steps, reward {args.reward})", "",
+    rollout = f", rollouts at {args.train_num_steps} steps" if args.train_num_steps else ""
+    lines = [f"# {args.algo} sweep on {args.model} ({args.num_steps or 'default'} steps{rollout}, reward {args.reward})",
+             "",
              f"{args.images} images per run, seeds {args.seeds}, base config {' '.join(args.set) or '(defaults)'}; "
              f"validation probe set: {args.probe_images} images (seed 999) every {args.probe_every} epochs. "
              + train_wall, "",

@@ -39,6 +39,10 @@ class AlgoConfig:
     """DDIM η of the rollout sampler (ε-models)"""
     noise_level: float = field(default=0.7, metadata=bounds(ge=0))
     """flow-SDE `a` of the rollout sampler (flow models)"""
+    train_fraction: float = field(default=1.0, metadata=bounds(gt=0, le=1))
+    """share of each trajectory's visited states the update trains on, drawn at random per trajectory (1: all).
+    The per-state loss is a mean over steps, so the subset's mean is an unbiased estimate of it; the update (and
+    the old/reference forwards of the states) then costs this share (algorithms that train on visited states)"""
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -51,11 +55,18 @@ class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type[AlgoConfig]]
     families: ClassVar[tuple[str, ...]] = ("ddpm", "flow")
+    #: which visited states the update trains on: "stochastic" (per-step likelihoods: σ > 0 steps), "all", or None
+    #: (forward-process draws of the final samples, no visited states: `train_fraction` does not apply)
+    visited_states: ClassVar[str | None] = "stochastic"
 
     def __init__(self, policy: DiffusionPolicy, cfg: AlgoConfig, dist: Dist | None = None):
         if policy.backend.family not in self.families:
             raise ValueError(f"{self.name} supports model families {self.families}, "
                              f"got {policy.backend.family!r} ({policy.model_name})")
+        if cfg.train_fraction < 1 and self.visited_states is None:
+            raise ValueError(f"{self.name} trains on forward-process draws of the final samples, not on visited "
+                             f"states: train_fraction={cfg.train_fraction} applies to algorithms that do "
+                             "(ddpo, grpo, fdfo); expected 1.0")
         self.policy, self.cfg = policy, cfg
         self.dist = dist or Dist()
 

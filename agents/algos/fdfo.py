@@ -76,6 +76,7 @@ class FDFOConfig(AlgoConfig):
 
 class FDFO(Algorithm):
     name = "fdfo"
+    visited_states = "all"
     Config = FDFOConfig
 
     def __init__(self, policy, cfg: FDFOConfig, dist=None):

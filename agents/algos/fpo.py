@@ -74,6 +74,7 @@ def cfm_losses(policy: DiffusionPolicy, process: ForwardProcess, actions, times,
 
 class FPO(Algorithm):
     name = "fpo"
+    visited_states = None  # forward-process draws of x0
     Config = FPOConfig
     families = ("flow",)
 

@@ -90,6 +90,7 @@ def swapped_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> 
 
 class DiffusionNFT(Algorithm):
     name = "nft"
+    visited_states = None  # forward-process draws of x0
     Config = NFTConfig
 
     def __init__(self, policy, cfg: NFTConfig, dist=None):

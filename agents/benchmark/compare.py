@@ -52,6 +52,9 @@ class Task:
     reward: Any = "digit_classifier"
     """a reward name or a {name: weight} table"""
     num_steps: int = field(default=10, metadata=bounds(ge=1))
+    """sampler steps of every evaluated entry (and of the RL probes)"""
+    train_num_steps: int | None = field(default=None, metadata=bounds(ge=1))
+    """sampler steps of the RL rollouts (None: num_steps); fewer trains cheaper, the model is evaluated at num_steps"""
     sampler: str | None = None
     """evaluation sampler for every entry (None: the model's default)"""
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0], metadata=bounds(ge=0))
@@ -218,7 +221,8 @@ class Comparison:
                 continue
             self.bar.set_postfix_str(f"training {algo} seed{seed} to {budget} images")
             cfg = TrainConfig(algo=algo, model=task.model, reward=task.reward, images=budget, out=str(run),
-                              seed=seed, num_steps=task.num_steps, grid_every=0, progress=self.progress,
+                              seed=seed, num_steps=task.train_num_steps or task.num_steps,
+                              eval_num_steps=task.num_steps, grid_every=0, progress=self.progress,
                               probe_every=task.probe_every, probe_images=task.probe_images, keep_probe_loras=True,
                               algo_overrides=dict(task.algo_overrides.get(algo, {})))
             Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
