@@ -18,10 +18,13 @@ Algorithms add what they need in their `prepare` step (advantages, old model out
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tensordict import TensorDict
 
 from agents.policy import DiffusionPolicy
+from diffenv.forward import ForwardProcess
 
 
 @torch.no_grad()
@@ -108,3 +111,24 @@ def transitions(rollout: TensorDict, stochastic_only: bool = True) -> TensorDict
     if keep is not None:
         td = td[keep.nonzero().squeeze(1)]  # one index for every key: one host sync, not one per key
     return td
+
+
+def forward_draws(rollout: TensorDict, n_draws: int, process: ForwardProcess, generator: torch.Generator,
+                  times: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TensorDict:
+    """Each final sample x0 noised `n_draws` times by the model's forward process (DiffusionNFT, AWM): batch [B·n].
+
+    Keys: `x0`, `latents` (x_u), `timesteps` (the network's), `times` (u ∈ [0, 1)), `noises` (ε), plus every other
+    per-sample key of the rollout (conditions, group_ids, rewards, advantages, …) repeated n times. (u, ε) come
+    from `process.draw` with `generator`; `times` maps the uniform u to another time distribution first.
+    """
+    x0 = rollout["latents"][:, -1].repeat_interleave(n_draws, dim=0)  # [B·n, C, H, W]
+    u, eps = process.draw(len(x0), x0.shape[1:], generator)
+    if times is not None:
+        u = times(u)
+    x_t, timesteps = process.noise(x0, u, eps)
+    items = {"x0": x0, "latents": x_t, "timesteps": timesteps, "times": u, "noises": eps}
+    skip = {"latents", "log_probs", "stds", "final_images", "train_steps"}
+    for key in rollout.keys():
+        if key not in skip:
+            items[key] = rollout[key].repeat_interleave(n_draws, dim=0)
+    return TensorDict(items, batch_size=[len(x0)], device=x0.device)

@@ -9,8 +9,9 @@ What "ratio = 1 at θ_old" and "zero advantages ⇒ zero update" mean per algori
 | fpo | ρ = exp(ℓ_old − ℓ_θ) = 1 | A = 0: zero gradient |
 | nft | loss = mean ‖x̂0_old − x0‖²/w_old/β, whatever r | r = ½: zero gradient at θ_old (v⁺, v⁻ cancel) |
 | fdfo | ρ = exp(−mean (v_θ − v*)² + mean d̃²) = 1 | ΔR = 0: the loss is identically 0 |
+| awm | per-draw ρ = exp(log p_θ − log p_old) = 1 (matching-loss ELBO) | Â = 0: zero gradient (kl_coef = 0) |
 
-GRPO's KL term is a separate pull toward the base model: its gradient is zero only at the base.
+GRPO's and AWM's KL terms are a separate pull toward the base model: their gradient is zero only at the base.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def test_loss_returns_named_terms_and_detached_diagnostics(name, model):
 
 @pytest.mark.parametrize("name, model", CASES)
 def test_equal_rewards_give_zero_gradient(name, model):
-    algo, policy, env = build(name, model, **({"kl_coef": 0.0} if name == "grpo" else {}))
+    algo, policy, env = build(name, model, **({"kl_coef": 0.0} if name in ("grpo", "awm") else {}))
     rollout = rollout_of(policy, env)
     equal = rollout.clone()
     equal["rewards"] = torch.full_like(rollout["rewards"], 0.5)
@@ -198,7 +199,7 @@ def test_only_lora_parameters_get_gradients(name, model):
             assert p.grad is None, n
 
 
-@pytest.mark.parametrize("name", ["nft", "fdfo"])
+@pytest.mark.parametrize("name", ["nft", "fdfo", "awm"])
 @pytest.mark.parametrize("model", list(FAMILY))
 def test_reference_term_vanishes_at_the_base(name, model):
     """At the base (a zero LoRA) the anchor λ‖out_θ − out_ref‖² is 0; the objective is the one without it."""
@@ -282,7 +283,7 @@ def endpoints_after_update(name, model, sign: float, steps: int = 3, lr: float =
 
 
 @pytest.mark.parametrize("name, model", [("fdfo", "digits-flow"), ("fdfo", "digits-eps"), ("nft", "digits-flow"),
-                                         ("nft", "digits-eps")])
+                                         ("nft", "digits-eps"), ("awm", "digits-flow"), ("awm", "digits-eps")])
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["brighter", "darker"])
 def test_update_moves_samples_toward_higher_reward(name, model, sign):
     before, after = endpoints_after_update(name, model, sign)
@@ -298,7 +299,7 @@ def test_update_moves_samples_toward_higher_reward(name, model, sign):
 
 
 # --------------------------------------------------------------------------- exact resume of algorithm state
-@pytest.mark.parametrize("name", ["fpo", "nft", "fdfo"])
+@pytest.mark.parametrize("name", ["fpo", "nft", "fdfo", "awm"])
 def test_resume_is_exact(tmp_path, name):
     small = {"images_per_epoch": 16, "group_size": 2 if name == "fdfo" else 4, "minibatch_size": 8}
 
@@ -333,6 +334,7 @@ LEARN = {
     "fpo": {"lr": 1e-3, "n_mc": 2, "inner_epochs": 1},
     "nft": {"lr": 1e-3, "minibatch_size": 32},
     "fdfo": {"lr": 1e-3, "minibatch_size": 48},
+    "awm": {"lr": 1e-3, "minibatch_size": 32},
 }
 
 

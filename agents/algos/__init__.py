@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from agents.algos.awm import AWM, AWMConfig
 from agents.algos.base import AlgoConfig, Algorithm
 from agents.algos.ddpo import DDPO, DDPOConfig
 from agents.algos.fdfo import FDFO, FDFOConfig
@@ -15,7 +16,7 @@ from agents.algos.fpo import FPO, FPOConfig
 from agents.algos.grpo import GRPO, GRPOConfig
 from agents.algos.nft import DiffusionNFT, NFTConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, GRPO, FPO, DiffusionNFT, FDFO)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, GRPO, FPO, DiffusionNFT, FDFO, AWM)}
 
 
 def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) -> AlgoConfig:
@@ -35,4 +36,4 @@ def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) ->
 
 __all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "make_algorithm_config",
            "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FPO", "FPOConfig", "DiffusionNFT", "NFTConfig",
-           "FDFO", "FDFOConfig"]
+           "FDFO", "FDFOConfig", "AWM", "AWMConfig"]

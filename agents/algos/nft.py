@@ -44,6 +44,7 @@ from tensordict import TensorDict
 from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm
 from agents.losses import kl_terms, output_anchor, per_sample_mean
+from agents.rollout import forward_draws
 from diffenv.forward import ForwardProcess
 from diffenv.validation import SEED, bounds
 
@@ -108,19 +109,10 @@ class DiffusionNFT(Algorithm):
     # ------------------------------------------------------------------ prepare: r, x_t, v_old
     @torch.no_grad()
     def prepare(self, rollout: TensorDict) -> TensorDict:
-        n = self.cfg.n_draws
         adv = group_advantages(rollout["rewards"], rollout["group_ids"], self.cfg.adv_eps)
-        r = (adv.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max) / (2 * self.cfg.adv_clip_max) + 0.5)
-        x0 = rollout["latents"][:, -1].repeat_interleave(n, dim=0)  # [B·n, C, H, W]
-        u, eps = self.process.draw(len(x0), x0.shape[1:], self.generator)
-        x_t, timesteps = self.process.noise(x0, u, eps)
-        items = TensorDict({
-            "x0": x0, "latents": x_t, "timesteps": timesteps, "times": u, "noises": eps,
-            "conditions": rollout["conditions"].repeat_interleave(n),
-            "group_ids": rollout["group_ids"].repeat_interleave(n),
-            "rewards": rollout["rewards"].repeat_interleave(n),
-            "advantages": adv.repeat_interleave(n), "r": r.repeat_interleave(n),
-        }, batch_size=[len(x0)], device=x0.device)
+        rollout["advantages"] = adv
+        rollout["r"] = adv.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max) / (2 * self.cfg.adv_clip_max) + 0.5
+        items = forward_draws(rollout, self.cfg.n_draws, self.process, self.generator)
         with swapped_in(self.params, self.ema):
             items["old_outputs"] = self._outputs(items)
         if self.cfg.kl_coef > 0:
