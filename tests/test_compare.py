@@ -31,6 +31,8 @@ def test_quick_comparison_writes_every_output(tmp_path):
     for col in ("reward_mean", "judge_accuracy", "judge_log_prob", "fd", "class_variance", "nfe_per_image",
                 "ms_per_image"):
         assert all(r[col] != "" for r in rows), col
+    ratio = {r["entry"]: float(r["time_vs_base"]) for r in rows if r["task"] == "eps-classifier-10"}
+    assert ratio["cfg w=1"] == 1.0 and all(v > 0 for v in ratio.values())  # one interleaved timing pass
     nfe = {r["entry"]: float(r["nfe_per_image"]) for r in rows if r["task"] == "eps-classifier-10"}
     assert nfe["cfg w=1"] == 10 and nfe["cfg w=3"] == 20 and nfe["best-of-2"] == 20
     log = list(csv.DictReader((tmp_path / "runs" / "flow-classifier-3" / "grpo" / "seed0" / "log.csv").open()))

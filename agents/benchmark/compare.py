@@ -28,10 +28,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from agents.algos import ALGORITHMS, make_algorithm_config
+from agents.benchmark import timing
 from agents.benchmark.curves import probe_curve, select_checkpoint
 from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model,
                                          eval_probe, task_protocol)
-from agents.benchmark.report import read_log, write_outputs
+from agents.benchmark.report import BASE_ENTRY, read_log, write_outputs
 from agents.trainer import check_budget
 from diffenv.paths import safe_name
 from diffenv.validation import SEED, bounds, validate_fields
@@ -325,6 +326,38 @@ class Comparison:
         row = self._cached(f"{task.name}/{algo}/s{seed}/selected_{images}", compute)
         return [run_row(task, algo, seed, f"{algo} selected", "selected", images, train_log, flag, row)]
 
+    def time_entries(self, task: Task, rows: list[dict]) -> None:
+        """Every entry's `ms_per_image` and `time_vs_base` from one interleaved timing pass (`agents.benchmark.timing`:
+        the evaluations' own wall times come from different moments of a busy machine). Cached as one set."""
+        from agents.trainer import PROBE_LORA
+        from diffenv.models import load_tuned_backend
+
+        def key(r: dict) -> str:
+            return f"{r['entry']}|{r.get('seed', '')}"
+
+        def entry(r: dict):
+            if r["kind"] == "cfg":
+                return timing.sampler(task, task.model, r["guidance_scale"])
+            if r["kind"] == "best_of_n":
+                return timing.sampler(task, task.model, candidates=r["best_of_n"])
+            run = self.run_dir(task, r["algo"], r["seed"])
+            budget = int(r["budget"])
+            lora = PROBE_LORA.format(images=budget) if r["kind"] == "selected" else f"lora_{budget}.safetensors"
+            return timing.sampler(task, load_tuned_backend(task.model, run / lora))
+
+        keys = sorted(key(r) for r in rows)
+        path = self.out / "cache" / f"{task.name}__timing.json"
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        if cached.get("keys") != keys:
+            self.bar.set_postfix_str("timing every entry, interleaved")
+            n = min(timing.TIMING_IMAGES, task.eval_images)
+            seconds = timing.interleaved_seconds({key(r): entry(r) for r in rows})
+            cached = {"keys": keys, "per_image": {k: v / n for k, v in seconds.items()}}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cached))
+            tmp.replace(path)
+        timing.apply_timings(rows, cached["per_image"], key, key({"entry": BASE_ENTRY}))
+
     def run(self) -> list[dict]:
         """Every task's entries (the rows of results.csv); the CFG probe-set references go to the report only."""
         rows, probe_rows = [], []
@@ -334,9 +367,11 @@ class Comparison:
             entries = (len(task.cfg_scales) * (1 + probing) + len(task.best_of_n)
                        + len(task.algos) * len(task.seeds) * len(task.budgets) + selected)
             with tqdm(total=entries, desc=task.name, unit="entry", disable=not self.progress) as self.bar:
-                rows += self.baseline_rows(task)
+                task_rows = self.baseline_rows(task)
                 probe_rows += self.probe_reference_rows(task)
-                rows += self.rl_rows(task)
+                task_rows += self.rl_rows(task)
+                self.time_entries(task, task_rows)
+                rows += task_rows
         write_outputs(rows, self.tasks, self.out, probe_rows)
         return rows
 

@@ -13,7 +13,7 @@ from agents.benchmark.curves import SeedSummary, images_to_reach, no_worse, prob
 from agents.benchmark.evaluation import DIGITS, PROBE_SEED, SHAPES, TaskProtocol, eval_model, task_protocol
 
 #: every metric a row may carry: the generic ones, then each task protocol's columns
-METRICS = list(dict.fromkeys(["reward_mean", "nfe_per_image", "ms_per_image",
+METRICS = list(dict.fromkeys(["reward_mean", "nfe_per_image", "ms_per_image", "time_vs_base",
                               *(k for p in (DIGITS, SHAPES) for k, _ in p.columns)]))
 COLUMNS = ["task", "entry", "kind", "algo", "guidance_scale", "best_of_n", "budget", "seed", *METRICS,
            "train_wall_s", "overoptimisation"]
@@ -53,7 +53,7 @@ def _fmt(row: dict, m: str) -> str:
     mean, std = row[m], row[m + "_std"]
     if math.isnan(mean):
         return "–"
-    digits = 2 if m in ("fd", "indep_fd", "ms_per_image", "nfe_per_image") else 3
+    digits = 2 if m in ("fd", "indep_fd", "ms_per_image", "nfe_per_image", "time_vs_base") else 3
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["seeds"] > 1 else "")
 
 
@@ -264,7 +264,7 @@ def write_outputs(rows: list[dict], tasks, out: Path, probe_rows: list[dict] = (
                   f"{task.eval_images} eval images (seed {task.eval_seed}), training seeds {task.seeds}", ""]
         protocol = task_protocol(task.model)
         columns = [("reward_mean", "reward"), *(protocol.columns if protocol else ()), ("nfe_per_image", "NFE"),
-                   ("ms_per_image", "ms/img")]
+                   ("ms_per_image", "ms/img"), ("time_vs_base", "time ×base")]
         if protocol is not None:
             summary = agreement_summary(agg, task.name)
             lines += headline(agg, task.name, protocol) + ([summary] if summary else []) + [""]
