@@ -40,7 +40,7 @@ from tensordict import TensorDict
 
 from agents.advantages import group_advantages
 from agents.algos.base import AlgoConfig, Algorithm
-from agents.losses import clipped_surrogate, per_sample_mean
+from agents.losses import clipped_surrogate, kl_terms, output_anchor, per_sample_mean
 from agents.policy import DiffusionPolicy
 from diffenv.forward import ForwardProcess
 from diffenv.validation import SEED, bounds
@@ -58,18 +58,23 @@ class FPOConfig(AlgoConfig):
     """Monte-Carlo (t, ε) draws per sample, shared by ℓ_old and ℓ_θ"""
     adv_eps: float = field(default=1e-4, metadata=bounds(gt=0))
     """added to the group std"""
+    kl_coef: float = field(default=0.0, metadata=bounds(ge=0))
+    """λ of an anchor to the base model, λ · mean ‖v_θ − v_ref‖² at the Monte-Carlo draws (DiffusionNFT's form;
+    0 skips the reference forward)"""
     seed: int = field(default=0, metadata=SEED)
     """seed of the algorithm's generator for the (t, ε) draws (plus the rank)"""
 
 
-def cfm_losses(policy: DiffusionPolicy, process: ForwardProcess, actions, times, noises, conditions) -> torch.Tensor:
-    """ℓ per draw, [b, n]: mean-over-dims squared error of the model output against the target."""
+def cfm_losses(policy: DiffusionPolicy, process: ForwardProcess, actions, times, noises, conditions,
+               reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ℓ per draw [b, n]: mean-over-dims squared error of the model output against the target, the outputs
+    [b·n, C, H, W]); `reference`: the frozen base's."""
     b, n = times.shape
     a = actions.unsqueeze(1).expand(b, n, *actions.shape[1:]).reshape(b * n, *actions.shape[1:])
     eps, u = noises.reshape(b * n, *noises.shape[2:]), times.reshape(-1)
     x_t, timesteps = process.noise(a, u, eps)
-    out = policy.predict(x_t, timesteps, conditions.repeat_interleave(n))
-    return per_sample_mean((out - process.target(a, u, eps)).pow(2)).view(b, n)
+    out = policy.predict(x_t, timesteps, conditions.repeat_interleave(n), reference)
+    return per_sample_mean((out - process.target(a, u, eps)).pow(2)).view(b, n), out
 
 
 class FPO(Algorithm):
@@ -99,16 +104,22 @@ class FPO(Algorithm):
             "times": u.view(b, self.cfg.n_mc),
             "noises": eps.view(b, self.cfg.n_mc, *actions.shape[1:]),
         }, batch_size=[b], device=actions.device)
-        chunks = [cfm_losses(self.policy, self.process, *(mb[k] for k in ("actions", "times", "noises", "conditions")))
-                  for mb in items.split(self.cfg.minibatch_size)]
-        items["cfm_old"] = torch.cat(chunks)  # [B, n_mc]
+        keys = ("actions", "times", "noises", "conditions")
+        items["cfm_old"] = torch.cat([cfm_losses(self.policy, self.process, *(mb[k] for k in keys))[0]
+                                      for mb in items.split(self.cfg.minibatch_size)])  # [B, n_mc]
+        if self.cfg.kl_coef > 0:
+            ref = [cfm_losses(self.policy, self.process, *(mb[k] for k in keys), reference=True)[1]
+                   for mb in items.split(self.cfg.minibatch_size)]
+            items["ref_outputs"] = torch.cat(ref).view(b, self.cfg.n_mc, *actions.shape[1:])
         return items
 
     def loss(self, items: TensorDict) -> dict:
-        cfm = cfm_losses(self.policy, self.process, items["actions"], items["times"], items["noises"],
-                         items["conditions"])
+        cfm, outputs = cfm_losses(self.policy, self.process, items["actions"], items["times"], items["noises"],
+                                  items["conditions"])
         log_ratio = items["cfm_old"].mean(1) - cfm.mean(1)  # log ρ = ℓ_old − ℓ_θ
         out = clipped_surrogate(log_ratio, items["advantages"], self.cfg.clip_range)
+        if self.cfg.kl_coef > 0:
+            out |= kl_terms(output_anchor(outputs, items["ref_outputs"].flatten(0, 1)), self.cfg.kl_coef)
         out["cfm_loss"] = cfm.mean().detach()
         return out
 
