@@ -13,7 +13,8 @@ model at `--num-steps`, the steps you evaluate and deploy at, batch 64, guidance
 (backward, clip, optimizer step), `diagnostics` (the KL-to-base estimate and the epoch's one host sync).
 Algorithms use their default configs with images_per_epoch = `--images-per-epoch`, then `--set` options:
 `KEY=VALUE` for every algorithm that has the option, `ALGO.KEY=VALUE` for one.
-Run it on a quiet machine: the figures are ratios measured in one process.
+Each algorithm's ratio is to sampling timed right before and right after it, in the same process, so the ratios
+hold on a machine with other work; absolute images/s need a quiet one.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def algo_overrides(algo: str, assignments: list[str], images_per_epoch: int) -> 
     return out
 
 
-def measure(algo: str, a: argparse.Namespace, sample_rate: float) -> dict:
+def measure(algo: str, a: argparse.Namespace, sample_rate) -> dict:
     overrides = algo_overrides(algo, a.set, a.images_per_epoch)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -91,6 +92,7 @@ def measure(algo: str, a: argparse.Namespace, sample_rate: float) -> dict:
         except ValueError as e:  # e.g. FPO on an ε-model, train_fraction on NFT
             return {"algo": algo, "error": str(e)}
         trainer.train_epoch()  # warm-up
+        before = sample_rate()
         reward = trainer.env.reward_fn = TimedReward(trainer.env.reward_fn)
         trainer.phase_times = {}
         start = time.perf_counter()
@@ -101,8 +103,10 @@ def measure(algo: str, a: argparse.Namespace, sample_rate: float) -> dict:
         phases["rollout"] -= reward.seconds
         phases["reward"] = reward.seconds
         trainer.folder.release()
+    sampling = (before + sample_rate()) / 2  # sampling right before and after: the ratio holds on a busy machine
     rate = a.images / total
-    return {"algo": algo, "options": overrides, "images_per_s": rate, "x_sampling": rate / sample_rate,
+    return {"algo": algo, "options": overrides, "images_per_s": rate, "sampling_images_per_s": sampling,
+            "x_sampling": rate / sampling,
             "seconds": total, "phase_share": {k: v / total for k, v in phases.items()}}
 
 
@@ -126,15 +130,21 @@ def main(argv=None) -> None:
         a.reward = TASK_REWARDS[a.model]
     if a.images % a.images_per_epoch:
         raise SystemExit(f"--images {a.images}: expected a multiple of --images-per-epoch {a.images_per_epoch}")
-    kwargs = dict(batch_size=BATCH, model=a.model, num_steps=a.num_steps, reward=a.reward, warmup=True)
-    sample = generate(a.images, **kwargs)
-    sample_rate = a.images / sample.wall_time_s
-    steps = round(sample.nfe_per_image)
+    from diffenv import DiffusionSteerVectorEnv
+
+    env = DiffusionSteerVectorEnv(num_envs=BATCH, model=a.model, num_steps=a.num_steps, reward=a.reward)
+    generate(BATCH, env=env)  # warm-up
+
+    def sample_rate() -> float:
+        return a.images / generate(a.images, env=env).wall_time_s
+
+    first = sample_rate()
+    steps = env.cfg.num_steps or env.backend.default_num_steps
     print(f"model={a.model} reward={a.reward} eval steps={steps} rollout steps={a.train_num_steps or steps} "
           f"images={a.images} images/epoch={a.images_per_epoch} torch_threads={torch.get_num_threads()} "
           f"kl_samples={a.kl_samples} set={a.set}")
     print(f"{'':10s} {'images/s':>9s} {'x sampling':>11s}   " + " ".join(f"{k:>8s}" for k in (*PHASES, "reward")))
-    print(f"{'sampling':10s} {sample_rate:9.1f} {1.0:11.2f}")
+    print(f"{'sampling':10s} {first:9.1f} {1.0:11.2f}   (each ratio: to sampling right before and after it)")
     rows = []
     for algo in a.algos:
         row = measure(algo, a, sample_rate)
@@ -149,7 +159,7 @@ def main(argv=None) -> None:
         a.json.write_text(json.dumps({"model": a.model, "reward": a.reward, "num_steps": steps,
                                       "train_num_steps": a.train_num_steps or steps, "images": a.images,
                                       "images_per_epoch": a.images_per_epoch, "kl_samples": a.kl_samples, "set": a.set,
-                                      "torch_threads": torch.get_num_threads(), "sampling_images_per_s": sample_rate,
+                                      "torch_threads": torch.get_num_threads(), "sampling_images_per_s": first,
                                       "algos": rows}, indent=2))
 
 
