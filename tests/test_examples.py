@@ -67,3 +67,32 @@ def test_sweep_runs_a_grid_reads_its_probe_curves_and_reuses_finished_runs(tmp_p
     bad = subprocess.run(cmd[:cmd.index("--grid")] + ["--grid", "lr", "--out", str(tmp_path / "bad")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--grid: expected KEY=V1,V2,..., got 'lr'" in bad.stderr
+
+
+def test_train_throughput_reports_ratios_and_a_profile_of_each_algorithm(tmp_path):
+    """benchmarks/train_throughput.py on a tiny budget: a ratio to sampling and the epoch's phase shares per
+    algorithm (they add up to at most the measured time), `--set` routed per algorithm, a clear refusal for NFT."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_throughput as tt
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "tp.json"
+    tt.main(["--model", "digits-flow", "--num-steps", "3", "--train-num-steps", "2", "--images", "32",
+             "--images-per-epoch", "16", "--algos", "grpo", "nft", "--set", "group_size=4",
+             "--set", "grpo.train_fraction=0.5", "--set", "nft.train_fraction=0.5", "--json", str(out)])
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["num_steps"] == 3 and report["train_num_steps"] == 2
+    grpo, nft = report["algos"]
+    assert grpo["options"] == {"images_per_epoch": 16, "group_size": 4, "train_fraction": 0.5}
+    assert grpo["x_sampling"] > 0 and grpo["images_per_s"] == pytest.approx(32 / grpo["seconds"])
+    assert set(grpo["phase_share"]) == {"rollout", "reward", "prepare", "loss", "backward", "diagnostics"}
+    assert 0.5 < sum(grpo["phase_share"].values()) <= 1.0 + 1e-6
+    assert "nft trains on forward-process draws" in nft["error"]
+    with pytest.raises(SystemExit, match="unknown algorithm 'ppo'"):
+        tt.algo_overrides("grpo", ["ppo.lr=1"], 16)
+    with pytest.raises(SystemExit, match="grpo has no option 'beta'"):
+        tt.algo_overrides("grpo", ["grpo.beta=1"], 16)
+    assert tt.algo_overrides("grpo", ["beta=1"], 16) == {"images_per_epoch": 16}  # NFT's option: not GRPO's
