@@ -298,9 +298,12 @@ def test_update_moves_samples_toward_higher_reward(name, model, sign):
 
 
 # --------------------------------------------------------------------------- exact resume of algorithm state
-@pytest.mark.parametrize("name", ["fpo", "nft", "fdfo", "awm"])
-def test_resume_is_exact(tmp_path, name):
-    small = {"images_per_epoch": 16, "group_size": 2 if name == "fdfo" else 4, "minibatch_size": 8}
+@pytest.mark.parametrize("name, extra", [("fpo", {}), ("nft", {}), ("fdfo", {}), ("awm", {}),
+                                         ("grpo", {"train_fraction": 0.5})], ids=["fpo", "nft", "fdfo", "awm",
+                                                                                 "grpo-train_fraction"])
+def test_resume_is_exact(tmp_path, name, extra):
+    """Algorithm state, and with train_fraction < 1 the subset draws (the trainer's checkpointed generator)."""
+    small = {"images_per_epoch": 16, "group_size": 2 if name == "fdfo" else 4, "minibatch_size": 8, **extra}
 
     def cfg(out, images):
         return TrainConfig(algo=name, model="digits-flow", num_steps=2, images=images, out=str(out), seed=0,
