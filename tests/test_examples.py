@@ -96,3 +96,28 @@ def test_train_throughput_reports_ratios_and_a_profile_of_each_algorithm(tmp_pat
     with pytest.raises(SystemExit, match="grpo has no option 'beta'"):
         tt.algo_overrides("grpo", ["grpo.beta=1"], 16)
     assert tt.algo_overrides("grpo", ["beta=1"], 16) == {"images_per_epoch": 16}  # NFT's option: not GRPO's
+
+
+def test_curve_table_reads_each_groups_probes_at_matched_budgets(tmp_path):
+    """benchmarks/curve_table.py: per budget, the last probe at or below it and the mean of the probes so far, over
+    the seeds that reached it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import curve_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for seed, judges in ((0, (0.2, 0.3, 0.5)), (1, (0.2, 0.4))):
+        run = tmp_path / f"a_seed{seed}"
+        run.mkdir()
+        rows = ["images_seen,wall_time_s,probe_judge_accuracy,probe_reward,probe_fd"]
+        rows += [f"{64 * (i + 1)},{10 * (i + 1)},{j},{j + 0.5},{1 - j}" for i, j in enumerate(judges)]
+        rows.insert(2, "96,15,,,")  # an epoch without a probe
+        (run / "log.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "t.md"
+    curve_table.main(["--group", f"a={tmp_path}/a_seed*", "--images", "128", "192", "--diversity", "fd",
+                      "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[2] == "| 128 | a | 2/2 | 0.350 ± 0.050 | 0.275 ± 0.025 | 0.650 ± 0.050 | 0.850 ± 0.050 | 20 |"
+    assert lines[3] == "| 192 | a | 1/2 | 0.500 | 0.333 | 0.500 | 1.000 | 30 |"
+    with pytest.raises(SystemExit, match="expected NAME=GLOB"):
+        curve_table.main(["--group", f"b={tmp_path}/none*", "--images", "64"])
