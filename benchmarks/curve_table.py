@@ -61,7 +61,8 @@ def table(groups: dict[str, list[Path]], budgets: list[int], diversity: str) -> 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--group", action="append", required=True, metavar="NAME=GLOB")
     p.add_argument("--images", type=int, nargs="+", required=True)
     p.add_argument("--diversity", default="within_prompt_distance", help="probe diversity column (digits: fd)")
