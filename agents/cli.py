@@ -241,6 +241,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"eval reward ({a.eval_images} images, guidance {a.guidance_scale}, seed 12345): "
               f"{b}{after['reward_mean']:.4f}")
     print(f"wrote {trainer.out}/lora.safetensors, checkpoint.pt, log.csv")
+    decline = trainer.probe_decline()
+    if decline:
+        print(f"warning: {decline}", file=sys.stderr)
     return 0
 
 

@@ -328,6 +328,23 @@ class Trainer:
             row.update({f"probe_{k}": v for k, v in metrics(result.images, result.conditions).items()})
         return row
 
+    def probe_decline(self, tolerance: float = 0.02) -> str | None:
+        """A one-line notice when the last probe scores more than `tolerance` below the run's best probe (the
+        judge accuracy where the model's task has one, else the probe reward), naming where the best one was and
+        its LoRA if kept; None otherwise. Training longer can give a worse model (over-optimisation, drift): the
+        user is told instead of silently getting the last LoRA."""
+        probed = [r for r in self.log_rows if "probe_reward" in r]
+        if len(probed) < 2:
+            return None
+        key = "probe_judge_accuracy" if "probe_judge_accuracy" in probed[-1] else "probe_reward"
+        best, last = max(probed, key=lambda r: r[key]), probed[-1]
+        if last[key] >= best[key] - tolerance:
+            return None
+        kept = self.out / PROBE_LORA.format(images=best["images_seen"])
+        where = f"; its LoRA: {kept}" if kept.is_file() else " (keep_probe_loras keeps each probe's LoRA)"
+        return (f"the validation probe's {key} peaked at {best[key]:.3f} after {best['images_seen']} images and is "
+                f"{last[key]:.3f} after {last['images_seen']}: the final LoRA is not the run's best{where}")
+
     # ------------------------------------------------------------------ persistence
     def _rng_state(self) -> dict[str, torch.Tensor]:
         return {"torch": torch.get_rng_state(), "noise_gen": self.noise_gen.get_state(),

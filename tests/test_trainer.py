@@ -137,3 +137,21 @@ def test_torchrun_two_ranks_end_with_identical_lora(tmp_path):
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(r0[k].abs().sum() > 0 for k in r0 if "lora_B" in k), "the update changed the adapter"
+
+
+def test_a_declining_probe_is_reported_with_the_best_checkpoint(tmp_path):
+    trainer = Trainer(config(tmp_path, images=16))
+    trainer.folder.release()
+    rows = [{"images_seen": 16, "probe_reward": 0.5, "probe_judge_accuracy": 0.30},
+            {"images_seen": 32, "probe_reward": 0.6, "probe_judge_accuracy": 0.45},
+            {"images_seen": 48, "probe_reward": 0.7, "probe_judge_accuracy": 0.44}]
+    trainer.log_rows = [*rows, {"images_seen": 64}]  # an epoch without a probe
+    assert trainer.probe_decline() is None  # within the tolerance of the best
+    trainer.log_rows.append({"images_seen": 80, "probe_reward": 0.8, "probe_judge_accuracy": 0.40})
+    msg = trainer.probe_decline()
+    assert msg.startswith("the validation probe's probe_judge_accuracy peaked at 0.450 after 32 images and is "
+                          "0.400 after 80") and "keep_probe_loras" in msg
+    (tmp_path / "lora_probe_32.safetensors").write_bytes(b"")
+    assert trainer.probe_decline().endswith(f"its LoRA: {tmp_path / 'lora_probe_32.safetensors'}")
+    trainer.log_rows = [{k: v for k, v in r.items() if k != "probe_judge_accuracy"} for r in rows]
+    assert trainer.probe_decline() is None  # no judge: the probe reward rose
