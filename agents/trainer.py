@@ -129,16 +129,18 @@ class Trainer:
 
         self.env = DiffusionSteerVectorEnv(
             num_envs=per_rank, action_mode="latent", reward=cfg.reward, group_size=self.algo_cfg.group_size,
-            share_noise=self.algo_cfg.share_noise, seed=cfg.seed + 1000 * self.dist.rank, conditions=cfg.conditions,
+            share_noise=self.algo_cfg.share_noise, seed=self.dist.stream_seed(cfg.seed, "env"),
+            conditions=cfg.conditions,
             **self.policy.env_kwargs(),
         )
         self.params = self.policy.trainable_parameters()
         self._stochastic_steps = [k for k, std in enumerate(self.policy.sampler.stds.tolist()) if std > 0]
         self.dist.broadcast_(self.params)
-        torch.manual_seed(cfg.seed + 7 * self.dist.rank)
+        torch.manual_seed(self.dist.stream_seed(cfg.seed, "torch"))
         self.optimizer = torch.optim.AdamW(self.params, lr=self.algo_cfg.lr, weight_decay=self.algo_cfg.weight_decay)
-        self.noise_gen = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + 2000 + self.dist.rank)
-        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 3000 + self.dist.rank)
+        self.noise_gen = torch.Generator(device=self.policy.device)
+        self.noise_gen.manual_seed(self.dist.stream_seed(cfg.seed, "policy_noise"))
+        self.shuffle_gen = torch.Generator().manual_seed(self.dist.stream_seed(cfg.seed, "shuffle"))
         self.epoch, self.images_seen, self.nfe_total, self.wall_time = 0, 0, 0, 0.0
         self.log_rows: list[dict[str, float]] = []  # every epoch's row; log.csv is their text
         self._saved: tuple[int, tuple] | None = None  # (epoch, stat) of the checkpoint on disk, once there is one
