@@ -288,3 +288,46 @@ def test_non_finite_training_stops_with_the_cause_and_keeps_the_good_checkpoint(
         assert Trainer(cfg(24), resume=True).epoch == 1
     else:  # stopped before its first checkpoint: the folder starts again
         assert not (tmp_path / "checkpoint.pt").exists() and Trainer(cfg(24)).epoch == 0
+
+
+# ------------------------------------------------------------------ no writes through symlinks
+@pytest.mark.parametrize("name", [".lock", "grids", "checkpoint.pt", "lora.safetensors", "log.csv",
+                                  "lora_probe_8.safetensors", "checkpoint.pt.tmp"])
+def test_a_symlink_in_the_run_folder_is_refused_and_its_target_untouched(tmp_path, name):
+    """A link would redirect the run's writes (a `.lock` link had its target truncated and a pid written into it;
+    a `grids` link had its target's *.tmp files removed): resume and a fresh start both refuse it, exit 2."""
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    if name == "grids":
+        victim.mkdir()
+        (victim / "keep.tmp").write_text("x")
+    else:
+        victim.write_text("precious\n")
+    resume = name not in (".lock", "grids")
+    if resume:
+        Trainer(config(out, images=8)).train()
+        (out / name).unlink(missing_ok=True)
+    else:
+        out.mkdir()
+    (out / name).symlink_to(victim)
+    expected = f"{out / name} is a symlink; expected a regular {'folder' if name == 'grids' else 'file'}"
+    with pytest.raises(ValueError, match=expected):
+        Trainer(config(out, images=16), resume=resume)
+    for again in (False, True):  # the other mode refuses it too (or finds nothing to resume)
+        if again == resume:
+            continue
+        with pytest.raises((ValueError, FileExistsError, FileNotFoundError)):
+            Trainer(config(out, images=16), resume=again)
+    if name == "grids":
+        assert [p.name for p in victim.iterdir()] == ["keep.tmp"]
+    else:
+        assert victim.read_text() == "precious\n"
+    assert (out / name).is_symlink()
+
+
+def test_a_symlink_in_the_run_folder_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(tmp_path / "victim")
+    assert cli_main([*TRAIN_ARGS, "--images", "8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {tmp_path}/run/.lock is a symlink; expected a regular file" in err
+    assert not (tmp_path / "victim").exists()
