@@ -34,7 +34,7 @@ from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, en
 from agents.benchmark.report import read_log, write_outputs
 from agents.runfolder import RunFolder
 from agents.trainer import check_budget
-from diffenv.paths import safe_name
+from diffenv.paths import check_path, safe_name
 from diffenv.validation import SEED, bounds, validate_fields
 
 #: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
@@ -83,10 +83,16 @@ class Task:
             raise ValueError(f"task {self.name!r}: seeds {bad} are not ints; expected a list of ints")
         try:
             validate_fields(self)
+            unknown = sorted(set(self.algo_overrides) - set(known))
+            if unknown:
+                raise ValueError(f"algo_overrides names unknown algorithms {unknown}; expected some of {known}")
             for algo, options in self.algo_overrides.items():
                 if not isinstance(options, dict):
                     raise TypeError(f"algo_overrides.{algo}={options!r}: expected a table of options, e.g. "
                                     f"[algo_overrides.{algo}] lr = 1e-3")
+            bad = sorted(set(self.algo_overrides.get("sb3_ppo", {})) - set(SB3_PPO_DEFAULTS))
+            if bad:
+                raise ValueError(f"unknown sb3_ppo option(s) {bad}; expected some of {sorted(SB3_PPO_DEFAULTS)}")
             for algo in sorted(set(self.algos) & set(ALGORITHMS)):  # bad options and budgets fail before any work
                 epoch = make_algorithm_config(algo, self.algo_overrides.get(algo, {})).images_per_epoch
                 for budget in self.budgets:
@@ -121,7 +127,11 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"comparison config {path} does not exist")
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"comparison config {path} is not valid TOML ({e}); expected defaults and [[task]] "
+                         "tables, e.g. examples/compare.toml") from None
     known = {f.name for f in fields(Task)}
     defaults = {k: v for k, v in data.items() if k != "task"}
     tasks = []
@@ -164,7 +174,7 @@ class Comparison:
     def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True):
         for task in tasks:
             task.validate()
-        self.tasks, self.out, self.progress = tasks, Path(out), progress
+        self.tasks, self.out, self.progress = tasks, check_path(out, "out"), progress
         self.bar = tqdm(disable=True)  # the current task's bar over its entries (see `run`)
         (self.out / "cache").mkdir(parents=True, exist_ok=True)
 
