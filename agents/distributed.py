@@ -1,8 +1,8 @@
 """Data-parallel plumbing for `torchrun` (gloo on CPU, NCCL on GPU), and its one-process stand-in.
 
-Rollouts are sharded by rank (each rank generates `images_per_epoch / world_size` images with its own
-seed); statistics that need every sample (DDPO's per-condition buffers, logged means) all-gather;
-LoRA gradients are averaged with `all_reduce` after every backward pass.
+Rollouts are sharded by rank (each rank generates `images_per_epoch / world_size` images with random
+streams of its own, `stream_seed`); statistics that need every sample (DDPO's per-condition buffers,
+logged means) all-gather; LoRA gradients are averaged with `all_reduce` after every backward pass.
 """
 
 from __future__ import annotations
@@ -10,8 +10,26 @@ from __future__ import annotations
 import atexit
 import os
 
+import numpy as np
 import torch
 import torch.distributed as td
+
+
+#: what each per-rank random stream drives; a stream's seed is keyed by (rank, index of its purpose here), so a new
+#: purpose goes at the end (the others keep their streams)
+PURPOSES = ("env", "policy_noise", "shuffle", "torch", "algorithm")
+
+
+def stream_seed(seed: int, rank: int, purpose: str) -> int:
+    """The seed (63 bits) of rank `rank`'s random stream for `purpose` (one of `PURPOSES`) in a run seeded `seed`.
+
+    It is `SeedSequence(seed).spawn(world)[rank].spawn(len(PURPOSES))[purpose]` (numpy's keyed derivation, written
+    as the child's `spawn_key`): every (rank, purpose) gets a hashed seed of its own, for any world size, where
+    offsets such as `seed + 1000·rank` and `seed + 2000 + rank` make one rank's stream another's. A rank's streams
+    do not depend on the world size, but its share of the images does, so a run's results depend on the world size.
+    """
+    key = (int(rank), PURPOSES.index(purpose))
+    return int(np.random.SeedSequence(int(seed), spawn_key=key).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class Dist:
@@ -27,6 +45,10 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+    def stream_seed(self, seed: int, purpose: str) -> int:
+        """This rank's seed for `purpose` (`stream_seed`)."""
+        return stream_seed(seed, self.rank, purpose)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped tensors from every rank, in rank order."""

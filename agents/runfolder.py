@@ -9,6 +9,9 @@
 | `log.csv` | every epoch, last (append, fsync) | rewritten from the rows the checkpoint stores on resume |
 | `*.tmp` | the temp files of the writes above | removed by the next run that takes the lock |
 
+No file of the folder is read or written through a symlink (`O_NOFOLLOW`, and a folder holding one is refused):
+a link would redirect the run's writes, e.g. a `.lock` link truncating its target.
+
 So after any kill the folder holds a whole checkpoint (or none, and may be started again), `log.csv`
 never runs ahead of it, and `--resume` continues bit-exactly. A checkpoint file is one header line with
 the sha256 of its payload, then the payload (a `torch.save` dict), so flipped bytes are found on load.
@@ -50,6 +53,22 @@ def _why(e: OSError) -> str:
     return _ERRNO_WORDS.get(e.errno, "error")
 
 
+def _link_error(path: Path) -> ValueError:
+    kind = "folder" if path.name == GRIDS else "file"
+    return ValueError(f"{path} is a symlink; expected a regular {kind} of the run folder (its files are never read or "
+                      "written through links): remove the link or choose another --out")
+
+
+def _open(path: str | Path, flags: int, mode: int = 0o666) -> int:
+    """`os.open` that refuses a symlink at `path` (ValueError) instead of following it; `open`'s `opener`."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_error(path) from None
+        raise
+
+
 class RunFolder:
     """`--out` of one training run. `acquire` before any work, `release` when done (or let the process end)."""
 
@@ -72,9 +91,15 @@ class RunFolder:
             raise FileExistsError(f"--out {self.path} is a file; expected a folder (new, or a run to --resume)")
         if not (self.path / LOCK).exists():  # (with a lock file, "in use" is the first thing to tell)
             self._check_contents(resume)  # before creating anything, so a refused folder stays untouched
+        # again once locked: another run may have written its first checkpoint meanwhile
+        self.lock(lambda: self._check_contents(resume))
+
+    def lock(self, check=lambda: None) -> None:
+        """Create the folder, lock it, refuse symlinks in it and run `check`, then remove stale temp files: the
+        lock alone, for runs whose folder holds other files than the trainer's (a Stable-Baselines3 run)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunError(f"run folder {self.path} cannot be created or written: {e}; choose a writable --out") from e
         try:
@@ -86,7 +111,8 @@ class RunFolder:
                            "or choose another --out") from None
         self._lock_fd = fd
         try:
-            self._check_contents(resume)  # again: another run may have written its first checkpoint meanwhile
+            self._check_no_links()
+            check()
         except BaseException:
             self.release()
             raise
@@ -120,6 +146,14 @@ class RunFolder:
             raise FileExistsError(f"{self.path} is not empty ({', '.join(found[:5])}) and holds no checkpoint to "
                                   "--resume; choose an empty or new --out")
 
+    def _check_no_links(self) -> None:
+        """Refuse a symlink among the folder's entries and grids' (the run would write through it)."""
+        grids = self.path / GRIDS
+        inside = list(grids.iterdir()) if grids.is_dir() and not grids.is_symlink() else []
+        link = next((p for p in [*self.path.iterdir(), *inside] if p.is_symlink()), None)
+        if link is not None:
+            raise _link_error(link)
+
     def restartable(self) -> bool:
         """No checkpoint, and nothing but what a run leaves before its first checkpoint."""
         if not self.path.is_dir():
@@ -135,9 +169,11 @@ class RunFolder:
         """
         path = self.path / name
         tmp = path.with_name(path.name + _TMP)
+        if path.parent != self.path and path.parent.is_symlink():
+            raise _link_error(path.parent)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb", opener=_open) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -151,6 +187,10 @@ class RunFolder:
             raise RunError(f"{_why(e)} while writing {what} {path} ({e}); {intact}") from e
         return path
 
+    def copy_atomic(self, src: str, dst: str, what: str) -> Path:
+        """Copy the folder's file `src` to `dst` the way `write_atomic` writes (a kill leaves no torn copy)."""
+        return self.write_atomic(dst, _read(self.path / src), what, f"{self.path / src} is intact")
+
     def append_log(self, rows: list[dict[str, Any]], intact: str) -> None:
         """Append the last of `rows` to log.csv (all of them if the file is new); columns: the first row's."""
         path = self.path / LOG
@@ -158,7 +198,7 @@ class RunFolder:
             self.write_atomic(LOG, render_log(rows).encode(), "log", intact)
             return
         try:
-            with open(path, "a", newline="") as f:
+            with open(path, "a", newline="", opener=_open) as f:
                 f.write(render_log(rows[-1:], fields=list(rows[0]), header=False))
                 f.flush()
                 os.fsync(f.fileno())
@@ -169,7 +209,7 @@ class RunFolder:
         """Make log.csv exactly `rows` (a kill may have left it one row short, or a row torn)."""
         path, data = self.path / LOG, render_log(rows).encode()
         try:
-            current = path.read_bytes() if path.is_file() else None
+            current = _read(path) if path.is_file() else None
         except OSError:
             current = None
         if current != data:
@@ -186,7 +226,7 @@ class RunFolder:
     def read_checkpoint(self) -> dict:
         """The checkpoint's dict, its checksum verified; ValueError when it is corrupt or not a checkpoint."""
         path = self.path / CHECKPOINT
-        data = path.read_bytes()
+        data = _read(path)
         head, _, payload = data.partition(b"\n")
         if not head.startswith(_HEADER):
             raise ValueError(f"checkpoint {path} is corrupt or not a DiffusionSteer checkpoint (no checksum header; "
@@ -244,6 +284,12 @@ def _float_leaves(tree: Any, prefix: str):
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
     for k, v in items:
         yield from _float_leaves(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def _read(path: Path) -> bytes:
+    """A run-folder file's bytes, refusing a symlink (ValueError)."""
+    with open(path, "rb", opener=_open) as f:
+        return f.read()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,7 +2,8 @@
 
 It owns what CleanRL repeats per file: rollout collection from the env, minibatching, the optimizer,
 gradient sync under `torchrun`, CSV logging, image grids, checkpoints and exact resume; the run folder's
-lock, crash-safe writes and checksummed checkpoints live in `agents.runfolder`.
+lock, crash-safe writes and checksummed checkpoints live in `agents.runfolder`, the checks of a checkpoint's
+fields before a resume in `agents.checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,20 +20,15 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.algos import ALGORITHMS, make_algorithm_config
+from agents.checkpoint import CHECKPOINT_FORMAT, check_optimizer, check_resumable
 from agents.distributed import init_distributed
 from agents.losses import DeviceMeans, gaussian_kl_equal_std, total_loss
 from agents.policy import DiffusionPolicy
 from agents.rollout import collect_rollout, random_step_subset
 from agents.runfolder import CHECKPOINT, GRIDS, LOG, LORA, RunError, RunFolder, non_finite
+from diffenv.paths import check_path
 from diffenv.validation import DEVICE, SEED, bounds, validate_fields
 
-CHECKPOINT_FORMAT = 2
-#: what a checkpoint holds (format 2: checksummed, with every log row so log.csv can be rebuilt)
-CHECKPOINT_KEYS = ("format", "train_config", "algo_config", "world_size", "epoch", "images_seen", "nfe_total",
-                   "wall_time", "lora", "optimizer", "algo_state", "rng", "log")
-#: config fields that may differ on --resume (the budget can be extended, paths and display change)
-RESUME_MAY_CHANGE = {"images", "out", "grid_every", "progress", "eval_images", "probe_every", "probe_images",
-                     "keep_probe_loras", "eval_num_steps", "kl_samples"}
 #: the phases of an epoch `Trainer.phase_times` splits its time into (the env's reward call is inside `rollout`)
 PHASES = ("rollout", "prepare", "loss", "backward", "diagnostics")
 #: the LoRA of the probe after `images` images, kept with `keep_probe_loras` (for checkpoint selection, §6)
@@ -94,6 +90,7 @@ class TrainConfig:
         if self.algo not in ALGORITHMS:
             raise ValueError(f"unknown algo {self.algo!r}; expected one of {sorted(ALGORITHMS)}")
         validate_fields(self)
+        check_path(self.out, "out")
         make_algorithm_config(self.algo, self.algo_overrides)  # bad options fail here, before any work
 
 
@@ -138,16 +135,18 @@ class Trainer:
 
         self.env = DiffusionSteerVectorEnv(
             num_envs=per_rank, action_mode="latent", reward=cfg.reward, group_size=self.algo_cfg.group_size,
-            share_noise=self.algo_cfg.share_noise, seed=cfg.seed + 1000 * self.dist.rank, conditions=cfg.conditions,
+            share_noise=self.algo_cfg.share_noise, seed=self.dist.stream_seed(cfg.seed, "env"),
+            conditions=cfg.conditions,
             **self.policy.env_kwargs(),
         )
         self.params = self.policy.trainable_parameters()
         self._stochastic_steps = [k for k, std in enumerate(self.policy.sampler.stds.tolist()) if std > 0]
         self.dist.broadcast_(self.params)
-        torch.manual_seed(cfg.seed + 7 * self.dist.rank)
+        torch.manual_seed(self.dist.stream_seed(cfg.seed, "torch"))
         self.optimizer = torch.optim.AdamW(self.params, lr=self.algo_cfg.lr, weight_decay=self.algo_cfg.weight_decay)
-        self.noise_gen = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + 2000 + self.dist.rank)
-        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 3000 + self.dist.rank)
+        self.noise_gen = torch.Generator(device=self.policy.device)
+        self.noise_gen.manual_seed(self.dist.stream_seed(cfg.seed, "policy_noise"))
+        self.shuffle_gen = torch.Generator().manual_seed(self.dist.stream_seed(cfg.seed, "shuffle"))
         self.epoch, self.images_seen, self.nfe_total, self.wall_time = 0, 0, 0, 0.0
         self.log_rows: list[dict[str, float]] = []  # every epoch's row; log.csv is their text
         #: seconds per phase of `PHASES`, summed over epochs, when set to a dict (a profile; None: not measured)
@@ -202,15 +201,17 @@ class Trainer:
                 diag.add({"loss": loss, **terms, "grad_norm": grad_norm})
         self._check_state(f"during epoch {self.epoch + 1}")
         rewards = self.dist.all_gather(rollout["rewards"])
-        n_images = len(rewards)
-        self.epoch += 1
-        self.images_seen += n_images
-        self.nfe_total += n_images * self.policy.num_steps * self.env.nfe_per_step
-        self.wall_time += time.perf_counter() - start  # training time: the KL-to-base diagnostic is not in it
+        elapsed = time.perf_counter() - start  # training time: the KL-to-base diagnostic is not in it
         with self._phase("diagnostics"):
             diag.add({"reward_mean": rewards.mean(), "reward_std": rewards.std(),
                       "kl_to_base": self.kl_to_base(rollout, self.cfg.kl_samples)})
             means = diag.read()
+        self._check_outputs(means["kl_to_base"])
+        n_images = len(rewards)
+        self.epoch += 1
+        self.images_seen += n_images
+        self.nfe_total += n_images * self.policy.num_steps * self.env.nfe_per_step
+        self.wall_time += elapsed
         if "loss_policy" in means:
             means["policy_loss"] = means["loss_policy"]  # log.csv's column from before the loss_* terms
         row = {"epoch": self.epoch, "images_seen": self.images_seen, "reward_mean": means.pop("reward_mean"),
@@ -259,6 +260,18 @@ class Trainer:
                           "algorithm state": self.algo.state_dict()})  # the same on every rank
         if bad:
             raise RunError(f"NaN/inf in {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''} {when}; {self._intact()}")
+
+    def _check_outputs(self, kl_to_base: float) -> None:
+        """Stop when the updated weights, finite as they are, make the policy's outputs NaN/inf (a step too large:
+        `lr=1e5` gave LoRA weights of 1.7e5): KL-to-base is the updated policy on this epoch's states, and the
+        next rollout, or a resume from a checkpoint of these weights, would fail on the same NaN."""
+        bad = [(rank, v) for rank, v in enumerate(self.dist.gather_objects(kl_to_base)) if not math.isfinite(v)]
+        if bad:  # (each rank's own states: every rank stops when one does)
+            rank, value = bad[0]
+            where = f"epoch {self.epoch + 1}" + (f", rank {rank}" if self.dist.active else "")
+            raise RunError(f"the policy's output (kl_to_base) became {'NaN' if math.isnan(value) else f'{value:g}'} "
+                           f"at {where}, after its optimizer steps (lr={self.algo_cfg.lr:g} too large?); "
+                           f"{self._intact()}")
 
     def _intact(self) -> str:
         if self._saved is None:
@@ -401,30 +414,8 @@ class Trainer:
 
     def _read_checkpoint(self, path: Path) -> dict:
         state = self.folder.read_checkpoint()  # checksum verified
-        missing = [k for k in CHECKPOINT_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {missing}; expected a checkpoint of DiffusionSteer's trainer "
-                             f"(format {CHECKPOINT_FORMAT})")
-        if state["format"] != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {path} has format {state['format']!r}; expected {CHECKPOINT_FORMAT}")
-        bad = non_finite({k: state[k] for k in ("lora", "optimizer", "algo_state")})
-        if bad:
-            raise ValueError(f"checkpoint {path} holds NaN/inf in {', '.join(bad[:3])}; it cannot be resumed")
-        saved, now = dict(state["train_config"]), asdict(self.cfg)
-        # algorithm options compare as resolved values: `--set lr=<the default>` is the same run as no --set
-        algo = self.cfg.algo
-        # an option added since the checkpoint was written had its default then: the behaviour of the code that wrote it
-        saved_algo = {**asdict(make_algorithm_config(algo)), **state.get("algo_config", {})}
-        saved.update({f"{algo}.{k}": v for k, v in saved_algo.items()})
-        now.update({f"{algo}.{k}": v for k, v in asdict(make_algorithm_config(algo, self.cfg.algo_overrides)).items()})
-        ignore = RESUME_MAY_CHANGE | {"algo_overrides"}
-        diff = {k: (saved.get(k), now[k]) for k in now if k not in ignore and saved.get(k) != now[k]}
-        if diff:
-            raise ValueError(f"checkpoint {path} was written with a different configuration: "
-                             + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
-        if state["world_size"] != self.dist.world_size:
-            raise ValueError(f"checkpoint {path} was written by {state['world_size']} process(es), "
-                             f"resuming with {self.dist.world_size}")
+        check_resumable(state, path, asdict(self.cfg), make_algorithm_config(self.cfg.algo, self.cfg.algo_overrides),
+                        self.dist.world_size)
         return state
 
     def _restore(self, state: dict) -> None:
@@ -432,8 +423,11 @@ class Trainer:
 
         path = self.out / CHECKPOINT
         set_lora_state(self.policy.denoiser, state["lora"], f"checkpoint {path}")
+        check_optimizer(state, path, self.params)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.algo_cfg.lr  # (lr may change on resume: RESUME_MAY_CHANGE_ALGO)
             self.algo.load_state_dict(state["algo_state"])
             rng = state["rng"][self.dist.rank]
             torch.set_rng_state(rng["torch"])

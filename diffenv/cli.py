@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffenv.paths import check_output_file
 from diffenv.validation import bounds
 
 #: third-party log lines the CLI drops: (logger, message pattern). Each is expected in this repo and
@@ -139,6 +140,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from diffenv.sampling import generate
     from diffenv.viz import save_grid
 
+    for flag, path, suffixes in (("--out", a.out, ()), ("--grid", a.grid, (".png",))):
+        if path:  # before sampling, so a bad path fails at once
+            check_output_file(path, flag, suffixes)
     judge = None
     if a.judge:  # before sampling, so a bad name fails at once
         import rewards

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
+from diffenv.episode_checks import check_action_kind
+from diffenv.validation import check_seed
 from diffenv.vector_env import DiffusionSteerVectorEnv
 
 
@@ -133,10 +135,14 @@ class DiffusionSteerEnv(gym.Env):
         return out
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
+        super().reset(seed=None if seed is None else check_seed(seed))
         options = dict(options or {})
         if "condition" in options:
-            options["conditions"] = [options.pop("condition")]
+            c = options.pop("condition")
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+                raise TypeError(f"reset option condition={c!r} is a {type(c).__name__}; expected an int condition id "
+                                "of this env's condition set")
+            options["conditions"] = [c]
         obs, info = self.vector_env.reset(seed=seed, options=options)
         return self._obs(obs), self._info(info)
 
@@ -147,6 +153,7 @@ class DiffusionSteerEnv(gym.Env):
             raise RuntimeError("step() called on a terminated episode; call env.reset() first")
         expected = tuple(self.action_space.shape)
         a = np.asarray(action) if not isinstance(action, torch.Tensor) else action
+        check_action_kind(a, "action")
         if tuple(a.shape) != expected:
             raise ValueError(f"action has shape {tuple(a.shape)}; expected {expected} (the latent shape)")
         obs, reward, terminated, truncated, info = self.vector_env.step(a[None])

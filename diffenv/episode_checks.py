@@ -9,10 +9,28 @@ whenever the env's general path or `DiffusionSteerVectorEnv.check` asks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 from rewards.base import Check, raise_failed
+
+
+def check_action_kind(actions: Any, key: str) -> None:
+    """Actions that hold floating-point values: a tensor with data (not on the meta device) or a numeric numpy
+    array; else TypeError/ValueError naming `key` (`action`, `actions`), before any conversion raises its own."""
+    if isinstance(actions, torch.Tensor):
+        if actions.device.type == "meta":
+            raise ValueError(f"{key}: a tensor on the meta device (a shape without values); expected a tensor with "
+                             "values (on the CPU or the env's device)")
+        dtype = actions.dtype
+    elif isinstance(actions, np.ndarray):
+        dtype = actions.dtype
+    else:
+        return
+    if not (dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.issubdtype(dtype, np.floating)):
+        raise TypeError(f"{key}: dtype {dtype}; expected floating point values")
 
 
 class EpisodeChecks:

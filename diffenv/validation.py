@@ -80,6 +80,15 @@ def checked(check: Callable[[Any], Any], expected: str | None = None) -> dict:
 SEED = bounds(ge=0, le=MAX_SEED)
 
 
+def check_seed(seed: Any, key: str = "seed") -> int:
+    """A seed passed at run time (`reset(seed=...)`): an int in SEED's range, else TypeError/ValueError naming `key`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{key}={seed!r} is a {type(seed).__name__}; expected an int {SEED['range']}")
+    if not SEED["range"].contains(int(seed)):
+        raise ValueError(f"{key}={seed}: expected an int {SEED['range']}")
+    return int(seed)
+
+
 # ---------------------------------------------------------------------- types from annotations
 def _args(tp) -> tuple:
     return typing.get_args(tp)
@@ -373,7 +382,7 @@ def check_device(device):
             raise ValueError(f"no GPU {dev.index}: torch sees {torch.cuda.device_count()} GPU(s)")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError("MPS is not available in this torch build or on this machine")
-    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):  # (not 'meta': tensors without values cannot be sampled)
         raise ValueError(f"unsupported device type {dev.type!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return device
 

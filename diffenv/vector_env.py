@@ -26,9 +26,10 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffenv.config import ONE_STEP_MODES, EnvConfig
-from diffenv.episode_checks import EpisodeChecks, non_finite_actions
+from diffenv.episode_checks import EpisodeChecks, check_action_kind, non_finite_actions
 from diffenv.models import load_backend, nfe_per_step
 from diffenv.samplers import make_sampler
+from diffenv.validation import check_seed
 from rewards.base import deferred_checks
 
 _AUTORESET = {m.name.lower(): m for m in AutoresetMode}
@@ -119,10 +120,8 @@ class DiffusionSteerVectorEnv(VectorEnv):
     # ------------------------------------------------------------------ reset
     @torch.no_grad()  # the env is a simulator: policies compute their own gradients
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-                raise TypeError(f"seed must be an int (one generator drives all sub-envs), got {seed!r}")
-            self.generator.manual_seed(int(seed))
+        if seed is not None:  # one generator drives all sub-envs
+            self.generator.manual_seed(check_seed(seed))
         options = dict(options or {})
         self._lockstep = None  # until this reset has succeeded
         mask, full = self._reset_mask(options.pop("reset_mask", None))
@@ -156,9 +155,13 @@ class DiffusionSteerVectorEnv(VectorEnv):
         if conditions is None:
             pick = torch.randint(len(self.condition_set), (n_groups,), generator=self.generator, device=self.device)
             return self.condition_set[pick].repeat_interleave(self.cfg.group_size)
-        c = torch.as_tensor(conditions, device=self.device)
-        if c.dtype.is_floating_point or c.shape != (self.num_envs,):
-            raise ValueError(f"conditions must be ints of shape ({self.num_envs},), got {c.dtype} {tuple(c.shape)}")
+        try:
+            c = torch.as_tensor(conditions, device=self.device)
+        except (TypeError, ValueError, RuntimeError):  # strings, ragged lists, objects
+            c = None
+        if c is None or c.dtype.is_floating_point or c.dtype == torch.bool or c.shape != (self.num_envs,):
+            got = f"{c.dtype} {tuple(c.shape)}" if c is not None else repr(conditions)[:80]
+            raise ValueError(f"reset option conditions must be ints of shape ({self.num_envs},), got {got}")
         bad = c[~torch.isin(c, self.condition_set)]
         if len(bad):
             raise ValueError(
@@ -271,12 +274,11 @@ class DiffusionSteerVectorEnv(VectorEnv):
         expected = (self.num_envs, *self.backend.latent_shape)
         if not isinstance(actions, (torch.Tensor, np.ndarray)):
             raise TypeError(f"actions must be a torch.Tensor or numpy array of shape {expected}, got {type(actions).__name__}")
+        check_action_kind(actions, "actions")
         on_host = isinstance(actions, np.ndarray)
         a = torch.as_tensor(actions, device=None if on_host else self.device)
         if tuple(a.shape) != expected:
             raise ValueError(f"actions have shape {tuple(a.shape)}; expected {expected} (num_envs, *latent_shape)")
-        if not a.dtype.is_floating_point:
-            raise TypeError(f"actions must be floating point, got {a.dtype}")
         a = a.float()  # before the check: a float64 value beyond float32's range becomes inf here
         finite = torch.isfinite(a).flatten(1).all(1) if self.cfg.validate else None  # [N]
         if on_host and finite is not None:

@@ -62,6 +62,55 @@ def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
+LONG = "a" * 300
+GOOD_TASK = 'eval_images = 10\ncfg_scales = [1.0]\nbest_of_n = [2]\nalgos = []\n[[task]]\nmodel = "digits-flow"\n'
+
+
+@pytest.mark.parametrize("argv, files, message", [
+    (["train", "--algo", "grpo", "--images", "64", "--out", f"{{tmp}}/{LONG}"], {},
+     "diffenv train: error: out='/"),
+    (["train", "--algo", "grpo", "--images", "64", "--out", f"{{tmp}}/{LONG}"], {},
+     "(300 characters) has 300 bytes; expected at most 255 bytes per file or folder name"),
+    (["train", "--algo", "grpo", "--images", "64", "--out", "{tmp}/r", "--set", "lr=1e38"], {},
+     "--set lr=1e38: expected a float in (0, 1e+30]"),
+    (["compare", "--config", "{tmp}/c.toml", "--out", "{tmp}/o"], {"c.toml": "x = [\n"},
+     "comparison config {tmp}/c.toml is not valid TOML (Invalid value (at end of document))"),
+    (["compare", "--config", "{tmp}/c.toml", "--out", "{tmp}/o"], {"c.toml": "\xff\xfe[[task]]\n"},
+     "comparison config {tmp}/c.toml is not valid TOML"),
+    (["compare", "--config", "{tmp}/c.toml", "--out", "{tmp}/o"], {"c.toml": GOOD_TASK + f'name = "{LONG}"\n'},
+     "(300 characters): expected a non-empty name without '/', '\\' or NUL, other than '.' and '..', of at most 100"),
+    (["compare", "--config", "{tmp}/c.toml", "--out", "{tmp}/o"],
+     {"c.toml": GOOD_TASK + 'name = "t"\n[task.algo_overrides.grpoo]\nlr = 1e-3\n'},
+     "task 't': algo_overrides names unknown algorithms ['grpoo']; expected some of ['ddpo', 'fdfo', 'fpo', 'grpo', "
+     "'nft', 'sb3_ppo']"),
+    (["compare", "--config", "{tmp}/c.toml", "--out", "{tmp}/o"],
+     {"c.toml": GOOD_TASK + 'name = "t"\n[task.algo_overrides.sb3_ppo]\nlearning_rate = 1e-3\n'},
+     "unknown sb3_ppo option(s) ['learning_rate']; expected some of"),
+    (["compare", "--config", "{tmp}/c.toml", "--out", f"{{tmp}}/{LONG}"], {"c.toml": GOOD_TASK + 'name = "t"\n'},
+     "expected at most 255 bytes per file or folder name"),
+    (["sample", "--num-steps", "1", "--n", "2", "--grid", "{tmp}"], {},
+     "--grid='{tmp}' is a folder; expected a file name, e.g. {tmp}/out.png"),
+    (["sample", "--num-steps", "1", "--n", "2", "--grid", "{tmp}/grid"], {},
+     "--grid='{tmp}/grid': expected a file name ending in .png"),
+    (["sample", "--num-steps", "1", "--n", "2", "--out", "{tmp}"], {}, "--out='{tmp}' is a folder"),
+])
+def test_bad_paths_names_and_configs_exit_2_with_one_line(argv, files, message, capsys, tmp_path):
+    """Each names the argument, its value and what is expected, on one line, before any work (no traceback)."""
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text.encode("latin-1") if "\xff" in text else text.encode())
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+def test_meta_device_is_refused_by_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--algo", "grpo", "--images", "64", "--out", "x", "--device", "meta"])
+    assert e.value.code == 2
+    assert "argument --device: 'meta': unsupported device type 'meta'; expected 'cpu'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["sample", "--n", "0"], ["sample", "--guidance-scale", "-1"],
                                   ["train", "--algo", "ppo9", "--images", "8", "--out", "x"],
                                   ["train", "--algo", "grpo", "--images", "0", "--out", "x"]])

@@ -241,3 +241,66 @@ def test_shapes_metrics_on_rendered_images():
     copies = torch.cat([x[:50], x[:50]])
     assert shapes_metrics(copies, c)["within_prompt_distance"] == 0.0
     assert task_protocol("shapes").diversity == "within_prompt_distance" and task_protocol("sd:/x") is None
+
+
+def grpo_task(budgets):
+    from agents.benchmark.compare import Task
+
+    return Task(name="t", model="digits-flow", num_steps=2, algos=["grpo"], budgets=budgets, seeds=[0], probe_every=0,
+                algo_overrides={"grpo": dict(images_per_epoch=8, group_size=4, minibatch_size=8)})
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sb3_ppo"])
+def test_compare_locks_every_run_folder(tmp_path, algo):
+    """A run folder another process holds is refused, an SB3 run's too (two compares on one --out trained the
+    same SB3 run and doubled its log.csv rows)."""
+    from agents.benchmark.compare import Comparison
+    from agents.runfolder import RunError, RunFolder
+
+    task = sb3_task([4]) if algo == "sb3_ppo" else grpo_task([8])
+    cmp = Comparison([task], tmp_path / "out", progress=False)
+    other = RunFolder(cmp.run_dir(task, algo, 0))
+    other.lock()  # as a second `diffenv compare` on the same --out would
+    try:
+        with pytest.raises(RunError, match="is in use by another run"):
+            cmp.train(task, algo, 0)
+    finally:
+        other.release()
+    assert not list(other.path.glob("lora_*")) and not (other.path / "log.csv").exists()
+    cmp.train(task, algo, 0)
+    assert len(list(csv.DictReader((other.path / "log.csv").open()))) == 1
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sb3_ppo"])
+def test_a_failed_snapshot_write_leaves_no_torn_file(tmp_path, monkeypatch, algo):
+    """Per-budget LoRA snapshots are written whole or not at all (temp file, fsync, rename); compare then redoes
+    the snapshot (a torn copy was refused and could not be repaired)."""
+    import errno
+    import os
+
+    import agents.runfolder as runfolder
+    from agents.benchmark.compare import Comparison
+    from agents.runfolder import RunError
+    from torn_writes import TornFile
+
+    real_open = open
+
+    def fail(_f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return TornFile(f, fail) if Path(path).name == "lora_4.safetensors.tmp" else f
+
+    task = sb3_task([4]) if algo == "sb3_ppo" else grpo_task([4])
+    if algo == "grpo":
+        task.algo_overrides["grpo"].update(images_per_epoch=4, minibatch_size=4)
+    cmp = Comparison([task], tmp_path / "out", progress=False)
+    run = cmp.run_dir(task, algo, 0)
+    monkeypatch.setattr(runfolder, "open", open_, raising=False)
+    with pytest.raises(RunError, match=r"disk full while writing LoRA snapshot .*lora_4.safetensors"):
+        cmp.train(task, algo, 0)
+    monkeypatch.undo()
+    assert not (run / "lora_4.safetensors").exists() and not list(run.glob("*.tmp"))
+    cmp.train(task, algo, 0)
+    assert (run / "lora_4.safetensors").is_file()

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from diffenv import DiffusionSteerVectorEnv  # noqa: E402
 from diffenv.models import load_backend  # noqa: E402
 from diffenv.models.diffusers_backend import load_pipeline, parse_model_spec  # noqa: E402
-from diffenv.models.prompts import load_prompts  # noqa: E402
+from diffenv.models.prompts import load_prompts, prompt_splits  # noqa: E402
 from diffenv.models.tiny import save_tiny_pipeline  # noqa: E402
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
@@ -80,6 +80,11 @@ def test_prompt_sets(tmp_path):
         load_prompts(empty)
     with pytest.raises(FileNotFoundError):
         load_prompts(tmp_path / "nope.txt")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"a cat\n\xff\xfe\x00\x81")
+    for read in (load_prompts, prompt_splits):
+        with pytest.raises(ValueError, match=rf"prompt file '{binary}' is not UTF-8 text \(byte 6: invalid start"):
+            read(binary)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -266,3 +271,7 @@ def test_cli_prompts_flag_samples_and_trains_a_text_to_image_model(folders, tmp_
     assert main(["sample", "--model", model, "--prompts", str(prompts), "--reward", "none", "--num-steps", "2",
                  "--n", "2", "--lora", str(run / "lora.safetensors")]) == 0
     assert "NFE per image: 2" in capsys.readouterr().out
+    prompts.write_bytes(bytes(range(256)))  # a binary file: one line naming it, exit 2
+    assert main(["sample", "--model", model, "--prompts", str(prompts), "--num-steps", "2", "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt file '{prompts}' is not UTF-8 text" in err, err

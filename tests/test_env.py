@@ -315,6 +315,34 @@ def test_bad_actions_and_step_before_reset():
         single.step(np.full((1, 8, 8), np.inf, np.float32))
 
 
+@pytest.mark.parametrize("vector", [False, True])
+def test_misused_reset_and_step_name_the_argument(vector):
+    """Seeds out of range, a condition of the wrong type, meta-device and object-dtype actions: one message naming
+    the argument and what it expects (not torch's "Overflow when unpacking long long" or "too many dimensions")."""
+    env = make(1) if vector else gym.make("DiffusionSteer-v0", num_steps=2)
+    key = "actions" if vector else "action"
+    env.reset(seed=0)  # (gymnasium's passive checker needs a first reset that succeeded)
+    with pytest.raises(ValueError, match=r"seed=1180591620717411303424: expected an int in \[0, 2\*\*63 - 1\]"):
+        env.reset(seed=2**70)
+    with pytest.raises(ValueError, match=r"seed=-1: expected an int in \[0, 2\*\*63 - 1\]"):
+        env.reset(seed=-1)
+    with pytest.raises(TypeError, match=r"seed=1.5 is a float; expected an int"):
+        env.reset(seed=1.5)
+    if vector:
+        with pytest.raises(ValueError, match=r"reset option conditions must be ints of shape \(1,\), got \['a'\]"):
+            env.reset(options={"conditions": ["a"]})
+    else:
+        with pytest.raises(TypeError, match=r"reset option condition='a' is a str; expected an int condition id"):
+            env.reset(options={"condition": "a"})
+    env.reset(seed=0)
+    shape = env.action_space.shape
+    with pytest.raises(ValueError, match=rf"^{key}: a tensor on the meta device \(a shape without values\)"):
+        env.step(torch.zeros(shape, device="meta"))
+    with pytest.raises(TypeError, match=rf"^{key}: dtype object; expected floating point values"):
+        env.step(np.zeros(shape, dtype=object))
+    env.step(np.zeros(shape, dtype=np.float32))  # the env is unharmed
+
+
 def test_env_is_registered_on_import():
     assert diffenv.ENV_ID in gym.registry
     spec = gym.spec("DiffusionSteer-v0")

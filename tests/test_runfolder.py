@@ -6,6 +6,7 @@ import csv
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -235,8 +236,23 @@ def _rewrite_checkpoint(out, edit) -> None:
     (lambda s: s["optimizer"]["state"][0]["exp_avg"].view(-1)[3:5].fill_(float("nan")),
      r"holds NaN/inf in optimizer.state.0.exp_avg; it cannot be resumed"),
     (lambda s: next(iter(s["lora"].values())).fill_(float("inf")), r"holds NaN/inf in lora\..*lora_[AB]"),
-    (lambda s: s["rng"][0].pop("noise_gen"), r"does not fit this trainer: KeyError: 'noise_gen'"),
+    (lambda s: s["rng"][0].pop("noise_gen"), r"rng\[0\].noise_gen=None; expected a generator state"),
     (lambda s: s.update(format=1), r"has format 1; expected 2"),
+    # fields a crafted file can get wrong with a valid checksum: each named, before any is used
+    (lambda s: s.update(images_seen=-8), r"checkpoint .*: images_seen=-8; expected an int >= 0"),
+    (lambda s: s.update(images_seen=9), r"images_seen=9; expected epoch × images_per_epoch = 1 × 8"),
+    (lambda s: s.update(epoch=1.0), r"epoch=1.0; expected an int >= 0"),
+    (lambda s: s.update(nfe_total=True), r"nfe_total=True; expected an int >= 0"),
+    (lambda s: s.update(wall_time=float("nan")), r"wall_time=nan; expected a finite number of seconds >= 0"),
+    (lambda s: s.update(wall_time=-1.0), r"wall_time=-1.0; expected a finite number"),
+    (lambda s: s.update(log=[]), r"log='list of 0'; expected a list of 1 rows"),
+    (lambda s: s.update(rng={}), r"rng='dict'; expected a list of 1 ranks' generator states"),
+    (lambda s: s.update(optimizer=[]), r"optimizer='list'; expected a dict"),
+    (lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+     r"optimizer.state.0.exp_avg=\(3,\); expected a tensor of shape \(8, 32, 3, 3\)"),
+    (lambda s: s["optimizer"]["state"][1].update(step=torch.tensor(-1.0)), r"optimizer.state.1.step=.*; expected a"),
+    (lambda s: s["optimizer"]["state"].update({10**6: {}}), r"optimizer.state=.*; expected a dict keyed by LoRA"),
+    (lambda s: s["optimizer"]["param_groups"].append({}), r"optimizer.param_groups=.*; expected one group over"),
 ])
 def test_checkpoints_with_missing_or_non_finite_entries_are_refused(tmp_path, edit, expected):
     Trainer(config(tmp_path, images=8)).train()
@@ -288,3 +304,67 @@ def test_non_finite_training_stops_with_the_cause_and_keeps_the_good_checkpoint(
         assert Trainer(cfg(24), resume=True).epoch == 1
     else:  # stopped before its first checkpoint: the folder starts again
         assert not (tmp_path / "checkpoint.pt").exists() and Trainer(cfg(24)).epoch == 0
+
+
+# ------------------------------------------------------------------ no writes through symlinks
+@pytest.mark.parametrize("name", [".lock", "grids", "checkpoint.pt", "lora.safetensors", "log.csv",
+                                  "lora_probe_8.safetensors", "checkpoint.pt.tmp"])
+def test_a_symlink_in_the_run_folder_is_refused_and_its_target_untouched(tmp_path, name):
+    """A link would redirect the run's writes (a `.lock` link had its target truncated and a pid written into it;
+    a `grids` link had its target's *.tmp files removed): resume and a fresh start both refuse it, exit 2."""
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    if name == "grids":
+        victim.mkdir()
+        (victim / "keep.tmp").write_text("x")
+    else:
+        victim.write_text("precious\n")
+    resume = name not in (".lock", "grids")
+    if resume:
+        Trainer(config(out, images=8)).train()
+        (out / name).unlink(missing_ok=True)
+    else:
+        out.mkdir()
+    (out / name).symlink_to(victim)
+    expected = f"{out / name} is a symlink; expected a regular {'folder' if name == 'grids' else 'file'}"
+    with pytest.raises(ValueError, match=expected):
+        Trainer(config(out, images=16), resume=resume)
+    for again in (False, True):  # the other mode refuses it too (or finds nothing to resume)
+        if again == resume:
+            continue
+        with pytest.raises((ValueError, FileExistsError, FileNotFoundError)):
+            Trainer(config(out, images=16), resume=again)
+    if name == "grids":
+        assert [p.name for p in victim.iterdir()] == ["keep.tmp"]
+    else:
+        assert victim.read_text() == "precious\n"
+    assert (out / name).is_symlink()
+
+
+def test_a_symlink_in_the_run_folder_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(tmp_path / "victim")
+    assert cli_main([*TRAIN_ARGS, "--images", "8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {tmp_path}/run/.lock is a symlink; expected a regular file" in err
+    assert not (tmp_path / "victim").exists()
+
+
+def test_a_step_too_large_stops_the_run_and_a_smaller_lr_resumes_it(tmp_path, capsys):
+    """`--set lr=1e5`: one optimizer step makes finite LoRA weights (1.7e5) whose outputs are NaN. The run stops
+    before it checkpoints them (exit 1, the documented run stop; before, the next rollout failed inside the env and
+    a checkpoint of those weights failed the same way on resume), and the kept checkpoint resumes with a smaller lr."""
+    one_step = [a.replace("minibatch_size=8", "minibatch_size=16") for a in TRAIN_ARGS]  # one optimizer step an epoch
+    run = [*one_step, "--out", str(tmp_path)]
+    assert cli_main([*run, "--images", "8"]) == 0
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert cli_main([*run, "--images", "24", "--resume", "--set", "lr=1e5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(r"the policy's output \(kl_to_base\) became NaN at epoch 2, .*; the last good checkpoint "
+                     rf"\({tmp_path}/checkpoint.pt, epoch 1\) is intact", err), err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good and len(log_rows(tmp_path)) == 1
+    assert cli_main([*run, "--images", "24", "--resume", "--set", "lr=1e-4"]) == 0
+    assert [int(r["epoch"]) for r in log_rows(tmp_path)] == [1, 2, 3]
+    state = RunFolder(tmp_path).read_checkpoint()
+    assert state["algo_config"]["lr"] == 1e-4 and state["optimizer"]["param_groups"][0]["lr"] == 1e-4

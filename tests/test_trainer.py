@@ -123,20 +123,43 @@ def test_one_host_sync_per_optimizer_step(tmp_path, algo):
     assert {"loss", "loss_policy", "policy_loss", "grad_norm", "kl_to_base"} <= row.keys()
 
 
+def torchrun_worker(out: Path, ranks: int, *args: str) -> subprocess.CompletedProcess:
+    """`tests/ddp_worker.py OUT *args` under `torchrun --nproc_per_node ranks`; it must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           str(Path(__file__).parent / "ddp_worker.py"), str(out), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_torchrun_two_ranks_end_with_identical_lora(tmp_path):
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path), "ddpo"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = torchrun_worker(tmp_path, 2, "ddpo")
     assert "rank 0 world 2 rows 1 images 16 local_envs 8" in proc.stdout
     # each rank left the group before interpreter teardown (gloo threads alive then can SIGABRT a rank)
     assert all(f"rank {r} in the process group at exit: False" in proc.stdout for r in (0, 1)), proc.stdout
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(r0[k].abs().sum() > 0 for k in r0 if "lora_B" in k), "the update changed the adapter"
+
+
+def test_torchrun_three_ranks_draw_from_distinct_streams(tmp_path):
+    """Every rank's x_T is its own: no two streams of the 3 ranks (env, policy noise, shuffle, torch, algorithm)
+    share a seed, and no x_T value of one rank is among the normal draws of another (x_T, policy noise, FPO's ε).
+    With seeds `seed + 1000·rank` (env) and `seed + 2000 + rank` (policy noise), 384 of rank 2's 512 x_T values
+    were rank 0's step noise; independent float32 normals coincide by chance about 3e-8 per pair (< 1 value here)."""
+    proc = torchrun_worker(tmp_path, 3, "fpo", "draws")
+    assert "rank 0 world 3 rows 1 images 24 local_envs 8" in proc.stdout
+    ranks = [torch.load(tmp_path / f"rank{r}_draws.pt") for r in range(3)]
+    seeds = [s for r in ranks for s in r["seeds"].values()]
+    assert len(ranks[0]["seeds"]) == 5 and len(set(seeds)) == len(seeds), [r["seeds"] for r in ranks]
+    for i, mine in enumerate(ranks):
+        assert mine["x_T"].shape[0] == 8 and mine["seeds"]["env"] in mine["draws"]
+        theirs = torch.cat([d for j, r in enumerate(ranks) if j != i for d in r["draws"].values()])
+        shared = torch.isin(mine["x_T"], theirs).sum().item()
+        assert shared <= 2, f"{shared} of rank {i}'s {mine['x_T'].numel()} x_T values were drawn by another rank"
 
 
 def test_a_declining_probe_is_reported_with_the_best_checkpoint(tmp_path):

@@ -55,7 +55,7 @@ class AWMConfig(AlgoConfig):
     kl_coef: float = field(default=0.1, metadata=bounds(ge=0))
     """β of the velocity-space KL, mean ‖f_θ − f_ref‖² (0 disables the reference forward)"""
     seed: int = field(default=0, metadata=SEED)
-    """seed of the algorithm's generator for the forward-process draws (plus the rank)"""
+    """seed of the algorithm's generator for the forward-process draws (each rank's own: `stream_seed`)"""
 
 
 class AWM(Algorithm):
@@ -66,7 +66,8 @@ class AWM(Algorithm):
     def __init__(self, policy, cfg: AWMConfig, dist=None):
         super().__init__(policy, cfg, dist)
         self.process = ForwardProcess.of(policy.backend)
-        self.generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + self.dist.rank)
+        self.generator = torch.Generator(device=policy.device)
+        self.generator.manual_seed(self.dist.stream_seed(cfg.seed, "algorithm"))
         # u of each sampler step: the forward process's network timestep there is the sampler's model timestep
         shift = 0.5 if self.process.family == "ddpm" else 0.0  # ddpm: τ = ⌊u T⌋ lands on the integer timestep
         self.step_times = (policy.sampler.model_timesteps.double() + shift) / self.process.num_train_timesteps

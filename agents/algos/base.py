@@ -25,7 +25,8 @@ class AlgoConfig:
     """sub-envs sharing a condition (GRPO groups; FDFO pairs use 2)"""
     share_noise: bool = False
     """group members also share x_T"""
-    lr: float = field(default=3e-4, metadata=bounds(gt=0))
+    # AdamW's first step is lr / (1 - β1) = 10·lr (default β1) in float32: lr=1e38 overflowed inside torch
+    lr: float = field(default=3e-4, metadata=bounds(gt=0, le=1e30))
     """AdamW learning rate of the LoRA parameters"""
     weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
     """AdamW weight decay"""

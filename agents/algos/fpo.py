@@ -62,7 +62,7 @@ class FPOConfig(AlgoConfig):
     """λ of an anchor to the base model, λ · mean ‖v_θ − v_ref‖² at the Monte-Carlo draws (DiffusionNFT's form;
     0 skips the reference forward)"""
     seed: int = field(default=0, metadata=SEED)
-    """seed of the algorithm's generator for the (t, ε) draws (plus the rank)"""
+    """seed of the algorithm's generator for the (t, ε) draws (each rank's own: `stream_seed`)"""
 
 
 def cfm_losses(policy: DiffusionPolicy, process: ForwardProcess, actions, times, noises, conditions,
@@ -88,7 +88,8 @@ class FPO(Algorithm):
         if cfg.n_mc < 1:
             raise ValueError(f"n_mc must be >= 1, got {cfg.n_mc}")
         self.process = ForwardProcess.of(policy.backend)
-        self.generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + self.dist.rank)
+        self.generator = torch.Generator(device=policy.device)
+        self.generator.manual_seed(self.dist.stream_seed(cfg.seed, "algorithm"))
 
     @torch.no_grad()
     def prepare(self, rollout: TensorDict) -> TensorDict:

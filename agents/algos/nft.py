@@ -71,7 +71,7 @@ class NFTConfig(AlgoConfig):
     collect_with_old: bool = True
     """collect rollouts with the EMA old policy, as the paper does (False: with the current θ)"""
     seed: int = field(default=0, metadata=SEED)
-    """seed of the algorithm's generator for the (t, ε) draws (plus the rank)"""
+    """seed of the algorithm's generator for the (t, ε) draws (each rank's own: `stream_seed`)"""
 
 
 @contextmanager
@@ -101,7 +101,8 @@ class DiffusionNFT(Algorithm):
         if not 0 <= cfg.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
         self.process = ForwardProcess.of(policy.backend)
-        self.generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + self.dist.rank)
+        self.generator = torch.Generator(device=policy.device)
+        self.generator.manual_seed(self.dist.stream_seed(cfg.seed, "algorithm"))
         self.params = policy.trainable_parameters()
         self.ema = [p.detach().clone() for p in self.params]  # the old policy's LoRA tensors
         self.updates = 0

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,9 @@ from agents.benchmark.curves import probe_curve, select_checkpoint
 from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model,
                                          eval_probe, task_protocol)
 from agents.benchmark.report import BASE_ENTRY, read_log, write_outputs
+from agents.runfolder import RunFolder
 from agents.trainer import check_budget
-from diffenv.paths import safe_name
+from diffenv.paths import check_path, safe_name
 from diffenv.validation import SEED, bounds, validate_fields
 
 #: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
@@ -86,10 +87,16 @@ class Task:
             raise ValueError(f"task {self.name!r}: seeds {bad} are not ints; expected a list of ints")
         try:
             validate_fields(self)
+            unknown = sorted(set(self.algo_overrides) - set(known))
+            if unknown:
+                raise ValueError(f"algo_overrides names unknown algorithms {unknown}; expected some of {known}")
             for algo, options in self.algo_overrides.items():
                 if not isinstance(options, dict):
                     raise TypeError(f"algo_overrides.{algo}={options!r}: expected a table of options, e.g. "
                                     f"[algo_overrides.{algo}] lr = 1e-3")
+            bad = sorted(set(self.algo_overrides.get("sb3_ppo", {})) - set(SB3_PPO_DEFAULTS))
+            if bad:
+                raise ValueError(f"unknown sb3_ppo option(s) {bad}; expected some of {sorted(SB3_PPO_DEFAULTS)}")
             for algo in sorted(set(self.algos) & set(ALGORITHMS)):  # bad options and budgets fail before any work
                 epoch = make_algorithm_config(algo, self.algo_overrides.get(algo, {})).images_per_epoch
                 for budget in self.budgets:
@@ -124,7 +131,11 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"comparison config {path} does not exist")
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"comparison config {path} is not valid TOML ({e}); expected defaults and [[task]] "
+                         "tables, e.g. examples/compare.toml") from None
     known = {f.name for f in fields(Task)}
     defaults = {k: v for k, v in data.items() if k != "task"}
     tasks = []
@@ -167,7 +178,7 @@ class Comparison:
     def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True):
         for task in tasks:
             task.validate()
-        self.tasks, self.out, self.progress = tasks, Path(out), progress
+        self.tasks, self.out, self.progress = tasks, check_path(out, "out"), progress
         self.bar = tqdm(disable=True)  # the current task's bar over its entries (see `run`)
         (self.out / "cache").mkdir(parents=True, exist_ok=True)
 
@@ -227,7 +238,8 @@ class Comparison:
                               probe_every=task.probe_every, probe_images=task.probe_images, keep_probe_loras=True,
                               algo_overrides=dict(task.algo_overrides.get(algo, {})))
             Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
-            shutil.copyfile(run / LORA, snap)
+            with locked(run) as folder:
+                folder.copy_atomic(LORA, snap.name, "LoRA snapshot")
 
     def train_sb3_ppo(self, task: Task, seed: int, run: Path) -> None:
         """Stable-Baselines3's own PPO fine-tuning the LoRA through `DiffusionActorCriticPolicy` (latent mode).
@@ -235,6 +247,16 @@ class Comparison:
         The run resumes from `sb3_ppo.safetensors` (weights, optimizer state, counters: no pickle), never
         from an SB3 `.zip`, whose loading unpickles whatever the run folder holds.
         """
+        if all((run / f"lora_{b}.safetensors").is_file() for b in task.budgets):
+            return
+        if (run / "ppo.zip").exists() and not (run / SB3_STATE).is_file():
+            raise ValueError(f"{run / 'ppo.zip'} is a Stable-Baselines3 pickle (from an older diffenv compare) and is "
+                             f"never loaded: unpickling a file can run code. Delete {run} to train this run again "
+                             f"(its state is now kept in {SB3_STATE})")
+        with locked(run) as folder:  # one writer, as the trainer's runs: two compares on one --out would both train
+            self._train_sb3_ppo(task, seed, folder)
+
+    def _train_sb3_ppo(self, task: Task, seed: int, folder: RunFolder) -> None:
         from stable_baselines3 import PPO
         from stable_baselines3.common.logger import Logger
 
@@ -242,14 +264,8 @@ class Comparison:
                                 save_training_state)
 
         opts = {**SB3_PPO_DEFAULTS, **task.algo_overrides.get("sb3_ppo", {})}
+        run = folder.path
         k, state = task.num_steps, run / SB3_STATE
-        if all((run / f"lora_{b}.safetensors").is_file() for b in task.budgets):
-            return
-        if (run / "ppo.zip").exists() and not state.is_file():
-            raise ValueError(f"{run / 'ppo.zip'} is a Stable-Baselines3 pickle (from an older diffenv compare) and is "
-                             f"never loaded: unpickling a file can run code. Delete {run} to train this run again "
-                             f"(its state is now kept in {SB3_STATE})")
-        run.mkdir(parents=True, exist_ok=True)
         venv = DiffusionSteerSB3VecEnv(opts["num_envs"], seed=seed, model=task.model, reward=task.reward,
                                        num_steps=k, action_mode="latent")
         model = PPO(DiffusionActorCriticPolicy, venv, n_steps=k, batch_size=opts["batch_size"],
@@ -262,10 +278,13 @@ class Comparison:
         model.set_logger(Logger(folder=None, output_formats=[]))
         if state.is_file():
             load_training_state(model, state)
-        log, start = run / "log.csv", time.perf_counter()
+        start = time.perf_counter()
         bar = tqdm(total=max(task.budgets), initial=model.num_timesteps // k, unit="img", desc="sb3_ppo",
                    disable=not self.progress)
         for budget in sorted(task.budgets):
+            snap = f"lora_{budget}.safetensors"
+            if (run / snap).is_file():  # (a resumed state may be past this budget: never overwrite its snapshot)
+                continue
             self.bar.set_postfix_str(f"training sb3_ppo seed{seed} to {budget} images")
             while model.num_timesteps // k < budget:
                 chunk = min(opts["chunk_images"], budget - model.num_timesteps // k)
@@ -274,13 +293,10 @@ class Comparison:
                 row = {"epoch": model._n_updates, "images_seen": model.num_timesteps // k,
                        "reward_mean": float(model.rollout_buffer.rewards.sum() / episodes),
                        "wall_time_s": round(time.perf_counter() - start, 3)}
-                new = not log.is_file()
-                with log.open("a") as f:
-                    f.write(",".join(row) + "\n" if new else "")
-                    f.write(",".join(str(v) for v in row.values()) + "\n")
+                folder.append_log([row], f"{state} holds the last finished budget")
                 bar.update(row["images_seen"] - bar.n)
             save_training_state(model, state)
-            model.policy.diffusion.save_lora(run / f"lora_{budget}.safetensors")
+            folder.write_atomic(snap, model.policy.diffusion.lora_file_bytes(), "LoRA snapshot", f"{state} is written")
         bar.close()
 
     def rl_rows(self, task: Task) -> list[dict]:
@@ -374,6 +390,17 @@ class Comparison:
                 rows += task_rows
         write_outputs(rows, self.tasks, self.out, probe_rows)
         return rows
+
+
+@contextmanager
+def locked(run: Path):
+    """The run folder `run`, locked (`agents.runfolder.RunFolder.lock`) while the block writes to it."""
+    folder = RunFolder(run)
+    folder.lock()
+    try:
+        yield folder
+    finally:
+        folder.release()
 
 
 def run_row(task: Task, algo: str, seed: int, entry: str, kind: str, images: int, train_log: list[dict], flag: str,

@@ -204,6 +204,7 @@ class DiffusersBackend(DiffusionBackend):
         if options.get("prompts") is None:
             raise ValueError(f"model {spec!r} is text-conditioned: pass prompts=<list or text file> (or add "
                              f"'?prompts=FILE' to the spec)")
+        load_prompts(options["prompts"])  # a bad prompt file fails before the pipeline loads
         dtype = resolve_dtype(options.pop("torch_dtype", None))
         pipe = load_pipeline(kind, path, torch_dtype=dtype, **(pipeline_kwargs or {}))
         return cls(pipe, options.pop("prompts"), device=device, name=f"{kind}:{path}", **options)

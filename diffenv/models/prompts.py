@@ -26,7 +26,7 @@ def load_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; expected a text file with one "
                                     f"prompt per line (or pass a list of prompts)")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in _read_lines(path)]
         items = [line for line in lines if line and not line.startswith("#")]
         source = str(path)
     elif isinstance(prompts, Sequence) and all(isinstance(p, str) for p in prompts):
@@ -47,13 +47,21 @@ def load_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
     return items
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); expected a text "
+                         "file with one prompt per line") from None
+
+
 def prompt_splits(prompts: str | os.PathLike | Sequence[str]) -> dict[str, list[int]]:
     """Split name → prompt ids, from a prompt file's `# split: NAME` lines ({} for a list or no splits)."""
     if not isinstance(prompts, (str, os.PathLike)):
         return {}
     splits: dict[str, list[int]] = {}
     current, index = None, 0
-    for line in Path(prompts).expanduser().read_text(encoding="utf-8").splitlines():
+    for line in _read_lines(Path(prompts).expanduser()):
         line = line.strip()
         if match := _SPLIT.match(line):
             current = splits.setdefault(match.group(1), [])
