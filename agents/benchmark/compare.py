@@ -21,7 +21,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from agents.benchmark.curves import probe_curve, select_checkpoint
 from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model,
                                          eval_probe, task_protocol)
 from agents.benchmark.report import read_log, write_outputs
+from agents.tracking import TrackerSpec
 from agents.trainer import check_budget
 from diffenv.paths import safe_name
 from diffenv.validation import SEED, bounds, validate_fields
@@ -160,10 +161,14 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
 
 # ---------------------------------------------------------------------- the runner
 class Comparison:
-    def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True):
+    """`tracker`: each trainer run is also a tracked run named TASK/ALGO/seedN, and the figures and results.md go
+    to one more, named after `--out` (`agents.tracking`; SB3's PPO runs keep their log.csv only)."""
+
+    def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True, tracker: TrackerSpec | None = None):
         for task in tasks:
             task.validate()
         self.tasks, self.out, self.progress = tasks, Path(out), progress
+        self.tracker = tracker or TrackerSpec()
         self.bar = tqdm(disable=True)  # the current task's bar over its entries (see `run`)
         (self.out / "cache").mkdir(parents=True, exist_ok=True)
 
@@ -221,7 +226,8 @@ class Comparison:
                               seed=seed, num_steps=task.num_steps, grid_every=0, progress=self.progress,
                               probe_every=task.probe_every, probe_images=task.probe_images, keep_probe_loras=True,
                               algo_overrides=dict(task.algo_overrides.get(algo, {})))
-            Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
+            tracker = replace(self.tracker, name=f"{task.name}/{algo}/seed{seed}")
+            Trainer(cfg, resume=(run / CHECKPOINT).is_file(), tracker=tracker).train()
             shutil.copyfile(run / LORA, snap)
 
     def train_sb3_ppo(self, task: Task, seed: int, run: Path) -> None:
@@ -334,7 +340,20 @@ class Comparison:
                 probe_rows += self.probe_reference_rows(task)
                 rows += self.rl_rows(task)
         write_outputs(rows, self.tasks, self.out, probe_rows)
+        self.track_outputs()
         return rows
+
+    def track_outputs(self) -> None:
+        """The comparison's figures and results.md, to the tracker's summary run (none with the csv default)."""
+        tracker = replace(self.tracker, name=self.out.resolve().name).open(self.out)
+        if tracker is None:
+            return
+        try:
+            for png in sorted(self.out.glob("*.png")):
+                tracker.log_png(png.stem, png)
+            tracker.log_text("results", (self.out / "results.md").read_text())
+        finally:
+            tracker.close()
 
 
 def run_row(task: Task, algo: str, seed: int, entry: str, kind: str, images: int, train_log: list[dict], flag: str,
