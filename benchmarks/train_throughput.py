@@ -21,6 +21,33 @@ from agents.trainer import TrainConfig, Trainer
 from diffenv.sampling import generate
 
 
+def sampling_rate(model: str, num_steps: int, images: int, reward: str = "digit_classifier", batch: int = 64,
+                  device: str = "cpu") -> float:
+    """Images/s of plain sampling (`generate`) after a warm-up batch."""
+    kw = dict(batch_size=batch, model=model, num_steps=num_steps, reward=reward, device=device, progress=False)
+    generate(batch, **kw)  # warm-up
+    return images / generate(images, **kw).wall_time_s
+
+
+def training_rate(algo: str, model: str, num_steps: int, images: int, reward: str = "digit_classifier",
+                  batch: int = 64, device: str = "cpu", overrides: dict | None = None) -> float:
+    """Images/s of `Trainer.train_epoch` (collect → reward → prepare → update) over `images` images after one
+    warm-up epoch, the algorithm's default config with images_per_epoch = `batch`. ValueError where the algorithm
+    does not apply (e.g. FPO on an ε-model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(TrainConfig(algo=algo, model=model, reward=reward, num_steps=num_steps, images=images + batch,
+                                      out=tmp, progress=False, grid_every=0, device=device,
+                                      algo_overrides={"images_per_epoch": batch, **(overrides or {})}))
+        trainer.train_epoch()  # warm-up
+        sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        while trainer.images_seen < images + batch:
+            trainer.train_epoch()
+        sync()
+        return images / (time.perf_counter() - start)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="digits-flow")
@@ -28,26 +55,16 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--algos", nargs="+", default=sorted(ALGORITHMS))
     a = p.parse_args(argv)
-    generate(64, batch_size=64, model=a.model, num_steps=a.num_steps, reward="digit_classifier")  # warm-up
-    sample = generate(a.images, batch_size=64, model=a.model, num_steps=a.num_steps, reward="digit_classifier")
-    sample_rate = a.images / sample.wall_time_s
+    sample_rate = sampling_rate(a.model, a.num_steps, a.images)
     print(f"model={a.model} num_steps={a.num_steps} images={a.images} batch=64 torch_threads={torch.get_num_threads()}")
     print(f"{'':10s} {'images/s':>9s} {'x sampling':>11s}")
     print(f"{'sampling':10s} {sample_rate:9.1f} {1.0:11.2f}")
     for algo in a.algos:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                trainer = Trainer(TrainConfig(algo=algo, model=a.model, num_steps=a.num_steps, images=a.images + 64,
-                                              out=tmp, progress=False, grid_every=0,
-                                              algo_overrides={"images_per_epoch": 64}))
-            except ValueError as e:  # e.g. FPO on an ε-model
-                print(f"{algo:10s} {'n/a':>9s}  ({e})")
-                continue
-            trainer.train_epoch()  # warm-up
-            start = time.perf_counter()
-            while trainer.images_seen < a.images + 64:
-                trainer.train_epoch()
-            rate = a.images / (time.perf_counter() - start)
+        try:
+            rate = training_rate(algo, a.model, a.num_steps, a.images)
+        except ValueError as e:  # e.g. FPO on an ε-model
+            print(f"{algo:10s} {'n/a':>9s}  ({e})")
+            continue
         print(f"{algo:10s} {rate:9.1f} {rate / sample_rate:11.2f}")
 
 
