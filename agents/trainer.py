@@ -248,12 +248,12 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         """Train until the budget; the run folder's lock is held until this returns or raises."""
         self._on_main(self._relock)
-        if self.tracker_spec is not None:
-            self._on_main(lambda: setattr(self, "tracker", self.tracker_spec.open(self.out, asdict(self.cfg))))
         rows = []
         bar = tqdm(total=self.cfg.images, initial=min(self.images_seen, self.cfg.images), unit="img",
                    desc=f"{self.cfg.algo}", disable=not (self.cfg.progress and self.dist.is_main))
         try:
+            if self.tracker_spec is not None:
+                self._on_main(lambda: setattr(self, "tracker", self.tracker_spec.open(self.out, asdict(self.cfg))))
             while self.images_seen < self.cfg.images:
                 row = self.train_epoch()
                 if self.cfg.probe_every and (self.epoch == 1 or self.epoch % self.cfg.probe_every == 0):

@@ -238,7 +238,8 @@ def table(result: dict) -> str:
                      f"{' ' + r['note'] if r.get('note') else ''} |")
     for r in result["largest_batch"]:
         lines.append(f"| largest batch | {r['model']} | {r['what']} | {fmt(r['largest_batch'])} | "
-                     f"{fmt(r['seconds'], '.1f')} s, peak {fmt(r['peak_mib'], '.0f')} MiB, stopped by {r['stopped_by']} |")
+                     f"{fmt(r['seconds'], '.1f')} s, peak {fmt(r['peak_mib'], '.0f')} MiB, "
+                     f"stopped by {r['stopped_by']} |")
     lines.append(f"| CUDA tests | | pytest -m cuda | {result['cuda_tests']['summary']} | |")
     return "\n".join(lines)
 

@@ -30,7 +30,8 @@ def check_picture(width: int, height: int) -> None:
 @pytest.mark.parametrize("n, captions", [(64, False), (100, True), (20, True), (1, True)])
 def test_sample_and_training_grids(tmp_path, n, captions):
     images = torch.rand(n, 3 if captions else 1, 32 if captions else 8, 32 if captions else 8)
-    path = save_grid(images, tmp_path / "g.png", nrow=10 if n > 64 else None, captions=[PROMPT] * n if captions else None)
+    path = save_grid(images, tmp_path / "g.png", nrow=10 if n > 64 else None,
+                     captions=[PROMPT] * n if captions else None)
     check_picture(*Image.open(path).size)
 
 
