@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from agents.algos import ALGORITHMS
 from agents.runfolder import RunError
+from agents.tracking import LoggerKind, TrackerSpec
 import rewards
 from agents.trainer import TrainConfig
 from diffenv import ab
@@ -45,6 +46,9 @@ class TrainOptions:
     """continue the run in --out exactly where it stopped"""
     set: list[str] = field(default_factory=list)
     """algorithm option, typed and range-checked, e.g. --set lr=1e-4 --set group_size=4 (repeatable)"""
+    logger: LoggerKind = "csv"
+    """experiment tracker next to log.csv: csv (log.csv only), tensorboard, wandb or mlflow (files under
+    OUT/tracking/; each needs its extra, e.g. pip install 'diffusion-steer[tensorboard]')"""
 
 
 @dataclass
@@ -63,6 +67,9 @@ class CompareOptions:
     """run only these training seeds of each task (default: all); processes sharing one --out can split the seeds"""
     progress: bool = True
     """progress bars"""
+    logger: LoggerKind = "csv"
+    """experiment tracker: csv (files only), tensorboard, wandb or mlflow: every training run (named
+    TASK/ALGO/seedN) and the comparison's figures and results.md (OUT/tracking/)"""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -177,6 +184,7 @@ def subcommands() -> dict[str, tuple[dict, list[tuple], Any]]:
              *[(TrainConfig, name, {"required": True} if name in ("images", "out") else {})
                for name in TRAIN_FIELDS[5:]],
              (TrainOptions, "resume"),
+             (TrainOptions, "logger"),
              (TrainOptions, "set", {"action": "append", "type": str, "metavar": "KEY=VALUE",
                                     "help": field_docs(TrainOptions)["set"] + ". Options and defaults: "
                                             + _algo_help()})]
@@ -224,7 +232,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                       model_kwargs=sample_cli.model_kwargs(a))
     from agents.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=a.resume)
+    trainer = Trainer(cfg, resume=a.resume, tracker=TrackerSpec(a.logger))
     before = trainer.evaluate(a.eval_images) if a.eval_images and not a.resume else None
     rows = trainer.train()
     if not trainer.dist.is_main:
@@ -250,9 +258,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from agents.benchmark.compare import Comparison, load_tasks
 
+    tracker = TrackerSpec(a.logger, group=Path(a.out).resolve().name)  # a missing package: before any work
     tasks = load_tasks(a.config, quick=a.quick, names=a.tasks, seeds=a.seeds)
     start = time.perf_counter()
-    Comparison(tasks, a.out, progress=a.progress).run()
+    Comparison(tasks, a.out, progress=a.progress, tracker=tracker).run()
     print((Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.csv, results.md, reward_vs_images.png, frontier.png, grids_*.png "
           f"in {time.perf_counter() - start:.0f} s")

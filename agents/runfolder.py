@@ -7,6 +7,7 @@
 | `checkpoint.pt` | every epoch, first: temp file, fsync, rename | the previous checkpoint, whole |
 | `lora.safetensors` | every epoch, after the checkpoint, the same way | rewritten from the checkpoint on resume |
 | `log.csv` | every epoch, last (append, fsync) | rewritten from the rows the checkpoint stores on resume |
+| `tracking/` | with `--logger tensorboard/wandb/mlflow`: the tracker's files, after log.csv (`agents.tracking`) | an epoch redone on resume is logged again at the same step |
 | `*.tmp` | the temp files of the writes above | removed by the next run that takes the lock |
 
 No file of the folder is read or written through a symlink (`O_NOFOLLOW`, and a folder holding one is refused):
@@ -38,8 +39,9 @@ LOCK = ".lock"
 GRIDS = "grids"
 _HEADER = b"DiffusionSteer checkpoint v2 sha256="
 _TMP = ".tmp"
+TRACKING = "tracking"  # (agents.tracking writes there)
 #: what an interrupted run leaves before its first checkpoint: such a folder may be started again
-_LEFTOVERS = {LOCK, GRIDS}
+_LEFTOVERS = {LOCK, GRIDS, TRACKING}
 _ERRNO_WORDS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EIO: "I/O error"}
 

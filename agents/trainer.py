@@ -26,6 +26,7 @@ from agents.losses import DeviceMeans, gaussian_kl_equal_std, total_loss
 from agents.policy import DiffusionPolicy
 from agents.rollout import collect_rollout, random_step_subset
 from agents.runfolder import CHECKPOINT, GRIDS, LOG, LORA, RunError, RunFolder, non_finite
+from agents.tracking import TrackerSpec
 from diffenv.paths import check_path
 from diffenv.validation import DEVICE, SEED, bounds, validate_fields
 
@@ -105,9 +106,13 @@ def check_budget(images: int, images_per_epoch: int, what: str = "images",
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    """`tracker`: also send each epoch's log row and grid to TensorBoard / W&B / MLflow (`agents.tracking`),
+    from rank 0, while `train` runs."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, tracker: TrackerSpec | None = None):
         cfg.validate()
         self.cfg, self.out = cfg, Path(cfg.out)
+        self.tracker_spec, self.tracker = tracker, None
         self.dist = init_distributed(cfg.device)
         self.folder = RunFolder(self.out)
         self._on_main(lambda: self.folder.acquire(resume))  # first: --out usable, and this run its only writer
@@ -218,7 +223,7 @@ class Trainer:
                "reward_std": means.pop("reward_std"), "kl_to_base": means.pop("kl_to_base"),
                "nfe_total": self.nfe_total, "wall_time_s": round(self.wall_time, 3)}
         row.update(means)
-        self._last_images = rollout["final_images"]
+        self._last_images, self._last_conditions = rollout["final_images"], rollout["conditions"]
         return row
 
     def _eligible_steps(self, rollout) -> torch.Tensor:
@@ -299,6 +304,8 @@ class Trainer:
         bar = tqdm(total=self.cfg.images, initial=min(self.images_seen, self.cfg.images), unit="img",
                    desc=f"{self.cfg.algo}", disable=not (self.cfg.progress and self.dist.is_main))
         try:
+            if self.tracker_spec is not None:
+                self._on_main(lambda: setattr(self, "tracker", self.tracker_spec.open(self.out, asdict(self.cfg))))
             while self.images_seen < self.cfg.images:
                 row = self.train_epoch()
                 if self.cfg.probe_every and (self.epoch == 1 or self.epoch % self.cfg.probe_every == 0):
@@ -310,6 +317,9 @@ class Trainer:
                 self.save_checkpoint()
         finally:
             bar.close()
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
             self.folder.release()
         return rows
 
@@ -372,9 +382,11 @@ class Trainer:
     def _write_epoch(self, rng: list[dict[str, torch.Tensor]]) -> None:
         from diffenv.models.lora import lora_state_dict
 
+        grid = None
         if self.cfg.grid_every and self.epoch % self.cfg.grid_every == 0:
-            self.folder.write_atomic(f"{GRIDS}/epoch_{self.epoch:05d}.png", _grid_png(self._last_images[:64]),
-                                     "image grid", self._intact())
+            grid = self._grid()
+            self.folder.write_atomic(f"{GRIDS}/epoch_{self.epoch:05d}.png", _png(grid[0]), "image grid",
+                                     self._intact())
         state = {
             "format": CHECKPOINT_FORMAT,
             "train_config": {k: v for k, v in asdict(self.cfg).items()},
@@ -391,6 +403,21 @@ class Trainer:
         self.folder.write_checkpoint(state, self._intact())
         self._saved = (self.epoch, _stat(self.out / CHECKPOINT))
         self._write_lora_and_log()
+        if self.tracker is not None:  # after log.csv: a tracker never shows an epoch the run folder lacks
+            self.tracker.log_scalars(self.log_rows[-1], step=self.images_seen)
+            if grid is not None:
+                self.tracker.log_image("grid", *grid, step=self.images_seen)
+
+    def _grid(self) -> tuple:
+        """The epoch's first 64 images as a `grid_figure` (prompts under them on a text-to-image model), its tiles
+        and their captions."""
+        from diffenv.viz import grid_figure
+
+        images, backend = self._last_images[:64].float().cpu(), self.policy.backend
+        captions = ([backend.condition_names[c] for c in self._last_conditions[:64].tolist()]
+                    if backend.text_conditioned else None)
+        tiles = (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).permute(0, 2, 3, 1)
+        return grid_figure(images, captions=captions), (tiles * 255).round().byte().numpy(), captions
 
     def _write_lora_and_log(self, resumed: bool = False) -> None:
         """LoRA (and the probe's LoRA, if kept) and log.csv to the checkpoint's epoch (on resume: a kill may have
@@ -447,13 +474,11 @@ def _stat(path: Path) -> tuple:
     return s.st_ino, s.st_size, s.st_mtime_ns
 
 
-def _grid_png(images: torch.Tensor) -> bytes:
+def _png(picture) -> bytes:
     from PIL import Image
 
-    from diffenv.viz import image_grid
-
     buf = io.BytesIO()
-    Image.fromarray(image_grid(images)).save(buf, format="PNG")
+    Image.fromarray(picture).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -41,6 +41,34 @@ def timed(fns, episodes: int, device: torch.device) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
+def episode_fns(venv, device: torch.device, seed: int = 0):
+    """(bare, native): one whole episode of the batch, without the env (the batched denoiser, the sampler's
+    transition maths and the reward on raw tensors) and through the native vector env `venv`."""
+    backend, sampler, reward_fn, n, k = venv.backend, venv.sampler, venv.reward_fn, venv.num_envs, venv.cfg.num_steps
+    conditions = venv.condition_set  # [n_conditions], on the device
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def bare():
+        x = torch.randn((n, *backend.latent_shape), generator=gen, device=device)
+        c = conditions[torch.randint(0, len(conditions), (n,), generator=gen, device=device)]
+        for i in range(k):
+            idx = torch.full((n,), i, dtype=torch.long, device=device)
+            out = backend.predict(x, sampler.model_timesteps[idx], c)
+            mean, std = sampler.step_distribution(x, out, idx)
+            x = mean + std.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=gen, device=device)
+        return reward_fn(backend.decode(x), c)
+
+    @torch.no_grad()
+    def native():
+        obs, _ = venv.reset()
+        for _ in range(k):
+            obs, r, *_ = venv.step(torch.randn(obs["latent"].shape, generator=gen, device=device))
+        return r
+
+    return bare, native
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-envs", type=int, default=64)
@@ -56,26 +84,7 @@ def main(argv=None) -> None:
     kw = dict(model=a.model, reward=a.reward, num_steps=k, seed=0, device=a.device)
     venv = gym.make_vec("DiffusionSteer-v0", num_envs=n, vectorization_mode="vector_entry_point",
                         **kw, **({} if a.validate else {"validate": False}))
-    backend, sampler, reward_fn = venv.backend, venv.sampler, venv.reward_fn
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    @torch.no_grad()
-    def bare():
-        x = torch.randn((n, *backend.latent_shape), generator=gen, device=device)
-        c = torch.randint(0, 10, (n,), generator=gen, device=device)
-        for i in range(k):
-            idx = torch.full((n,), i, dtype=torch.long, device=device)
-            out = backend.predict(x, sampler.model_timesteps[idx], c)
-            mean, std = sampler.step_distribution(x, out, idx)
-            x = mean + std.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=gen, device=device)
-        return reward_fn(backend.decode(x), c)
-
-    @torch.no_grad()
-    def native():
-        obs, _ = venv.reset()
-        for _ in range(k):
-            obs, r, *_ = venv.step(torch.randn(obs["latent"].shape, generator=gen, device=device))
-        return r
+    bare, native = episode_fns(venv, device)
 
     t_bare, t_native = timed([bare, native], a.episodes, device)
     rows = [("bare batched denoiser+sampler", t_bare), ("native vector env", t_native)]

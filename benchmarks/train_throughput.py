@@ -81,33 +81,81 @@ def algo_overrides(algo: str, assignments: list[str], images_per_epoch: int) -> 
     return out
 
 
-def measure(algo: str, a: argparse.Namespace, sample_rate) -> dict:
-    overrides = algo_overrides(algo, a.set, a.images_per_epoch)
+def sampler(model: str, num_steps: int | None, reward, batch: int = BATCH, device: str = "cpu"):
+    """A function `images -> images/s` of plain sampling (`generate` on one env, the same model, steps and batch),
+    after one warm-up batch."""
+    from diffenv import DiffusionSteerVectorEnv
+
+    env = DiffusionSteerVectorEnv(num_envs=batch, model=model, num_steps=num_steps, reward=reward, device=device)
+    generate(batch, env=env)  # warm-up
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
+
+    def rate(images: int) -> float:
+        sync()
+        return images / generate(images, env=env).wall_time_s  # `generate` returns its images on the CPU
+
+    rate.env = env
+    return rate
+
+
+def sampling_rate(model: str, num_steps: int | None, images: int, reward="digit_classifier", batch: int = BATCH,
+                  device: str = "cpu") -> float:
+    """Images/s of plain sampling after a warm-up batch."""
+    return sampler(model, num_steps, reward, batch, device)(images)
+
+
+def profile_training(algo: str, model: str, num_steps: int | None, images: int, reward="digit_classifier",
+                     batch: int = BATCH, device: str = "cpu", overrides: dict | None = None,
+                     kl_samples: int = TrainConfig.kl_samples, after_warmup=None) -> dict:
+    """Images/s of `Trainer.train_epoch` over `images` images after one warm-up epoch (the algorithm's defaults,
+    images_per_epoch = `batch`, then `overrides`), the seconds they took and each phase's share of them
+    (`agents.trainer.PHASES`, the reward split out of the rollout). `after_warmup()` runs before the timing starts.
+    ValueError where the algorithm does not apply (e.g. FPO on an ε-model, train_fraction on NFT)."""
     with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(TrainConfig(algo=algo, model=model, reward=reward, images=images + batch,
+                                      num_steps=num_steps, out=tmp, progress=False, grid_every=0, device=device,
+                                      kl_samples=kl_samples,
+                                      algo_overrides={"images_per_epoch": batch, **(overrides or {})}))
         try:
-            cfg = TrainConfig(algo=algo, model=a.model, reward=a.reward, images=a.images + a.images_per_epoch,
-                              num_steps=a.train_num_steps or a.num_steps, out=tmp, progress=False, grid_every=0,
-                              kl_samples=a.kl_samples, algo_overrides=overrides)
-            trainer = Trainer(cfg)
-        except ValueError as e:  # e.g. FPO on an ε-model, train_fraction on NFT
-            return {"algo": algo, "error": str(e)}
-        trainer.train_epoch()  # warm-up
-        before = sample_rate()
-        reward = trainer.env.reward_fn = TimedReward(trainer.env.reward_fn)
-        trainer.phase_times = {}
-        start = time.perf_counter()
-        while trainer.images_seen < a.images + a.images_per_epoch:
-            trainer.train_epoch()
-        total = time.perf_counter() - start
-        phases = dict(trainer.phase_times)
-        phases["rollout"] -= reward.seconds
-        phases["reward"] = reward.seconds
-        trainer.folder.release()
-    sampling = (before + sample_rate()) / 2  # sampling right before and after: the ratio holds on a busy machine
-    rate = a.images / total
-    return {"algo": algo, "options": overrides, "images_per_s": rate, "sampling_images_per_s": sampling,
-            "x_sampling": rate / sampling,
-            "seconds": total, "phase_share": {k: v / total for k, v in phases.items()}}
+            trainer.train_epoch()  # warm-up
+            if after_warmup is not None:
+                after_warmup()
+            reward_fn = trainer.env.reward_fn = TimedReward(trainer.env.reward_fn)
+            trainer.phase_times = {}
+            sync = torch.cuda.synchronize if trainer.policy.device.type == "cuda" else (lambda: None)
+            sync()
+            start = time.perf_counter()
+            while trainer.images_seen < images + batch:
+                trainer.train_epoch()
+            sync()
+            total = time.perf_counter() - start
+        finally:
+            trainer.folder.release()
+    phases = dict(trainer.phase_times)
+    phases["rollout"] -= reward_fn.seconds
+    phases["reward"] = reward_fn.seconds
+    return {"images_per_s": images / total, "seconds": total, "phase_share": {k: v / total for k, v in phases.items()}}
+
+
+def training_rate(algo: str, model: str, num_steps: int | None, images: int, reward="digit_classifier",
+                  batch: int = BATCH, device: str = "cpu", overrides: dict | None = None) -> float:
+    """Images/s of training (`profile_training`)."""
+    return profile_training(algo, model, num_steps, images, reward, batch, device, overrides)["images_per_s"]
+
+
+def measure(algo: str, a: argparse.Namespace, sample_rate) -> dict:
+    """One algorithm's row: its profile, and its ratio to sampling timed right before and right after it."""
+    overrides = algo_overrides(algo, a.set, a.images_per_epoch)
+    before = []
+    try:
+        row = profile_training(algo, a.model, a.train_num_steps or a.num_steps, a.images, a.reward,
+                               a.images_per_epoch, overrides=overrides, kl_samples=a.kl_samples,
+                               after_warmup=lambda: before.append(sample_rate(a.images)))
+    except ValueError as e:
+        return {"algo": algo, "error": str(e)}
+    sampling = (before[0] + sample_rate(a.images)) / 2  # the ratio holds on a busy machine
+    return {"algo": algo, "options": overrides, **row, "sampling_images_per_s": sampling,
+            "x_sampling": row["images_per_s"] / sampling}
 
 
 def main(argv=None) -> None:
@@ -130,16 +178,9 @@ def main(argv=None) -> None:
         a.reward = TASK_REWARDS[a.model]
     if a.images % a.images_per_epoch:
         raise SystemExit(f"--images {a.images}: expected a multiple of --images-per-epoch {a.images_per_epoch}")
-    from diffenv import DiffusionSteerVectorEnv
-
-    env = DiffusionSteerVectorEnv(num_envs=BATCH, model=a.model, num_steps=a.num_steps, reward=a.reward)
-    generate(BATCH, env=env)  # warm-up
-
-    def sample_rate() -> float:
-        return a.images / generate(a.images, env=env).wall_time_s
-
-    first = sample_rate()
-    steps = env.cfg.num_steps or env.backend.default_num_steps
+    sample_rate = sampler(a.model, a.num_steps, a.reward)
+    first = sample_rate(a.images)
+    steps = sample_rate.env.sampler.num_steps
     print(f"model={a.model} reward={a.reward} eval steps={steps} rollout steps={a.train_num_steps or steps} "
           f"images={a.images} images/epoch={a.images_per_epoch} torch_threads={torch.get_num_threads()} "
           f"kl_samples={a.kl_samples} set={a.set}")

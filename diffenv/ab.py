@@ -7,8 +7,9 @@ Both sides run the *plain* diffusers pipeline (nothing of this repo's sampler), 
 what a user of the exported LoRA gets: side A is `pipe(prompt, guidance_scale=w)` on the base weights,
 side B is `pipe.load_lora_weights(...)` (fused) then `pipe(prompt, guidance_scale=1)` (Flux: `true_cfg_scale`
 against the empty negative prompt, the distilled guidance embedding untouched). Image i of both sides
-starts from the same noise (`torch.Generator(device).manual_seed(seed)`). Writes a grid with one row
-per (prompt, seed) — base left, LoRA right — and prints mean rewards, NFE per image and wall time.
+starts from the same noise (`torch.Generator(device).manual_seed(seed)`). Writes a grid with a column per
+prompt and, per seed, a row of each side, every image captioned with its rewards, NFE and time per image, and
+prints mean rewards, NFE per image and wall time.
 
 `--lora` takes a diffusers LoRA folder or file (`export_diffusers_lora`), or a LoRA file written by the
 trainer (`lora.safetensors`), which is converted on the fly.
@@ -65,7 +66,7 @@ class ABOptions:
     device: str = field(default="cpu", metadata=DEVICE)
     """torch device"""
     out: str = "runs/ab/grid.png"
-    """PNG grid: rows (prompt, seed), columns base | LoRA"""
+    """PNG grid: columns prompts, rows base+CFG | LoRA per seed"""
 
 
 def make_reward(spec: str, prompts: list[str], device):
@@ -112,7 +113,6 @@ def _sample(pipe, kind: str, prompts: list[str], seeds: list[int], guidance: flo
 def cmd_ab(a: argparse.Namespace) -> int:
     from diffenv.models.diffusers_backend import load_pipeline, parse_model_spec, resolve_dtype
     from diffenv.models.prompts import load_prompts
-    from diffenv.viz import save_grid
 
     model, prompts = a.model, None
     if model == "shapes":  # the embedded pipeline folder, a plain StableDiffusionPipeline
@@ -138,19 +138,44 @@ def cmd_ab(a: argparse.Namespace) -> int:
     tuned, tuned_time = _sample(pipe, kind, prompts, a.seeds, 1.0, a)
 
     n = len(base)
-    conditions = torch.arange(len(prompts)).repeat(len(a.seeds))
-    pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # [2n, 3, H, W]: base, LoRA, base, LoRA, ...
-    captions = [text for text in prompts * len(a.seeds) for text in (f"{text} (CFG)", f"{text} (LoRA)")]
-    out = save_grid(pairs, a.out, nrow=2, scale=max(1, 256 // base.shape[-1]), captions=captions,
-                    caption_width=max(20, 256 // 6))
+    conditions = torch.arange(len(prompts)).repeat(len(a.seeds)).to(a.device)
     cfg_nfe = 2 if a.guidance_scale > 1 else 1
-    rows = [(f"base+CFG(w={a.guidance_scale:g})", base, cfg_nfe * a.num_steps, base_time),
-            ("LoRA(w=1)", tuned, a.num_steps, tuned_time)]
+    sides = [(f"base+CFG(w={a.guidance_scale:g})", base, cfg_nfe * a.num_steps, base_time),
+             ("LoRA(w=1)", tuned, a.num_steps, tuned_time)]
+    scores = [[f(images.to(a.device), conditions).float().cpu() for f in reward_fns] for _, images, _, _ in sides]
+    out = save_ab_figure(a, prompts, sides, scores)
     names = [r.name for r in reward_fns]
     print(f"model={a.model} lora={a.lora} prompts={len(prompts)} seeds={a.seeds} steps={a.num_steps}")
     print(f"{'side':<22}{'NFE/image':>10}{'s/image':>10}" + "".join(f"{m:>22}" for m in names))
-    for label, images, nfe, wall in rows:
-        scores = [f(images.to(a.device), conditions.to(a.device)).mean().item() for f in reward_fns]
-        print(f"{label:<22}{nfe:>10d}{wall / n:>10.3f}" + "".join(f"{s:>22.4f}" for s in scores))
-    print(f"wrote {out} (rows: prompt x seed; columns: base+CFG | LoRA)")
+    for (label, _, nfe, wall), side_scores in zip(sides, scores):
+        print(f"{label:<22}{nfe:>10d}{wall / n:>10.3f}" + "".join(f"{s.mean().item():>22.4f}" for s in side_scores))
+    print(f"wrote {out} (columns: prompts; rows: base+CFG and LoRA for each seed)")
     return 0
+
+
+def save_ab_figure(a, prompts: list[str], sides: list[tuple], scores: list[list[torch.Tensor]]) -> Path:
+    """The A/B grid: a column per prompt, for each seed a row of the base with CFG and one of the LoRA; under
+    each image its rewards, NFE and seconds per image. `sides`: (label, images [S·P, 3, H, W] seed-major, NFE per
+    image, wall time); `scores[side][reward]`: [S·P]."""
+    from PIL import Image
+
+    from diffenv.viz import grid_figure
+
+    p, rows, captions, labels = len(prompts), [], [], []
+    for i, seed in enumerate(a.seeds):
+        for (label, images, nfe, wall), side_scores in zip(sides, scores):
+            rows.append(images[i * p:(i + 1) * p])
+            labels.append(f"{label.replace('(', ' (')}, seed {seed}")
+            per_image = wall / len(images)
+            for j in range(i * p, (i + 1) * p):
+                values = " / ".join(f"{s[j].item():.2f}" for s in side_scores)
+                captions.append((values + "\n" if values else "") + f"{nfe} NFE · {1e3 * per_image:.0f} ms")
+    title = (f"{a.model}, {a.num_steps} steps, LoRA {Path(a.lora).name}; under each image: "
+             + (" / ".join(f.partition(':')[0] for f in a.reward) + ", " if a.reward else "")
+             + "NFE and time per image")
+    figure = grid_figure(torch.cat(rows), ncol=p, captions=captions, col_labels=prompts, row_labels=labels,
+                         title=title)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(figure).save(out)
+    return out

@@ -149,6 +149,19 @@ def test_make_vec_returns_native_env_with_torch_state():
     assert (r > 0).all() and torch.equal(info["reward_components"]["digit_classifier"], r)
 
 
+def test_make_vec_sync_steps_single_envs():
+    """gymnasium's own `make_vec(..., vectorization_mode="sync")`: a SyncVectorEnv of numpy single envs."""
+    venv = gym.make_vec("DiffusionSteer-v0", num_envs=3, vectorization_mode="sync", num_steps=2,
+                        model="digits-flow", reward="digit_classifier")
+    assert isinstance(venv, gym.vector.SyncVectorEnv)
+    obs, _ = venv.reset(seed=0)
+    assert obs["latent"].shape == (3, 1, 8, 8) and obs["latent"].dtype == np.float32
+    for _ in range(2):
+        obs, r, term, trunc, info = venv.step(venv.action_space.sample())
+    assert term.all() and not trunc.any() and r.shape == (3,) and ((0 <= r) & (r <= 1)).all()
+    venv.close()
+
+
 def test_autoreset_next_step():
     env = make(2, num_steps=2)
     _, _, info, _ = rollout(env)

@@ -121,3 +121,35 @@ def test_curve_table_reads_each_groups_probes_at_matched_budgets(tmp_path):
     assert lines[3] == "| 192 | a | 1/2 | 0.500 | 0.333 | 0.500 | 1.000 | 30 |"
     with pytest.raises(SystemExit, match="expected NAME=GLOB"):
         curve_table.main(["--group", f"b={tmp_path}/none*", "--images", "64"])
+
+
+def _run_gpu_check(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_check_runs_every_check_on_tiny_sizes_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py's code paths (env overhead, syncs, training vs sampling, the doubling search, the
+    CUDA tests, the table and the JSON) on the CPU in `--quick` mode, so the GPU run works the first time."""
+    import json
+
+    out = tmp_path / "gpu.json"
+    proc = _run_gpu_check("--device", "cpu", "--quick", "--algos", "grpo", "fpo", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"date", "device_name", "torch", "env_overhead", "host_syncs", "training", "largest_batch",
+            "cuda_tests"} <= set(result)
+    assert {(r["model"], r["batch"]) for r in result["env_overhead"]} == {("digits-eps", 4), ("shapes", 4)}
+    assert all(r["native_over_bare"] > 0 for r in result["env_overhead"])
+    training = {r["what"]: r for r in result["training"]}
+    assert training["sampling"]["x_sampling"] == 1.0 and training["grpo"]["images_per_s"] > 0
+    assert training["fpo"]["images_per_s"] is None and "flow" in training["fpo"]["note"]  # no shapes flow model
+    assert [r["largest_batch"] for r in result["largest_batch"]] == [4, 4]
+    assert proc.stdout.count("| env overhead |") == 2 and f"wrote {out}" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the check would run")
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    proc = _run_gpu_check(timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout

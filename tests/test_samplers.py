@@ -242,6 +242,7 @@ def test_tables_have_the_documented_shapes_and_ranges():
     torch.testing.assert_close(ddpm.obs_timesteps, torch.tensor([0.999, 0.749, 0.499, 0.249, 0.0]))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tables_and_steps_live_on_the_device():
     cpu = make_sampler("flow_sde", FLOW_CONFIG, 4, family="flow")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +44,37 @@ def test_sb3_ppo_takes_the_registered_env_as_is():
         check_env(env)
     model = PPO("MultiInputPolicy", env, n_steps=2 * K, batch_size=2 * K, n_epochs=1, seed=0).learn(2 * K)
     assert model.num_timesteps == 2 * K
+
+
+def test_sb3_make_vec_env_takes_the_registered_id():
+    """SB3's own helper builds a DummyVecEnv of the registered env by its id, and PPO trains on it."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import diffenv  # noqa: F401  (registers the env)
+
+    venv = make_vec_env("DiffusionSteer-v0", n_envs=2, seed=0, env_kwargs=ENV)
+    obs = venv.reset()
+    assert obs["latent"].shape == (2, 1, 8, 8) and obs["condition"].shape == (2,)
+    model = PPO("MultiInputPolicy", venv, n_steps=K, batch_size=2 * K, n_epochs=1, seed=0, device="cpu")
+    model.learn(4 * K)
+    assert model.num_timesteps == 4 * K
+    assert len(model.ep_info_buffer) >= 2 and all(0.0 <= ep["r"] <= 1.0 and ep["l"] == K
+                                                  for ep in model.ep_info_buffer)  # make_vec_env adds a Monitor
+
+
+def test_rl_zoo_trains_with_the_shipped_hyperparameters(tmp_path):
+    """The one-line RL Zoo command of README, for a few hundred steps (skipped without the optional rl_zoo3)."""
+    pytest.importorskip("rl_zoo3")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "rl_zoo3.train", "--algo", "ppo", "--env", "DiffusionSteer-v0",
+           "--gym-packages", "diffenv", "--conf-file", str(root / "examples" / "zoo" / "ppo.yml"),
+           "-n", "384", "--seed", "0", "-f", str(tmp_path / "logs"), "--device", "cpu"]
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "total_timesteps      | 384" in proc.stdout
+    assert list((tmp_path / "logs" / "ppo").glob("DiffusionSteer-v0_*/DiffusionSteer-v0.zip"))
 
 
 def test_infinite_bound_rejected():

@@ -129,6 +129,7 @@ def test_single_env_checks_every_step():
         env.step(env.action_space.sample())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", ["noise", "latent", "noise-dense", "noise-cfg-fork"])
 def test_lockstep_step_does_not_sync_on_cuda(case):

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, en
                                          eval_probe, task_protocol)
 from agents.benchmark.report import BASE_ENTRY, read_log, write_outputs
 from agents.runfolder import RunFolder
+from agents.tracking import TrackerSpec
 from agents.trainer import check_budget
 from diffenv.paths import check_path, safe_name
 from diffenv.validation import SEED, bounds, validate_fields
@@ -175,10 +176,14 @@ def load_tasks(path: str | Path, quick: bool = False, names: list[str] | None = 
 
 # ---------------------------------------------------------------------- the runner
 class Comparison:
-    def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True):
+    """`tracker`: each trainer run is also a tracked run named TASK/ALGO/seedN, and the figures and results.md go
+    to one more, named after `--out` (`agents.tracking`; SB3's PPO runs keep their log.csv only)."""
+
+    def __init__(self, tasks: list[Task], out: str | Path, progress: bool = True, tracker: TrackerSpec | None = None):
         for task in tasks:
             task.validate()
         self.tasks, self.out, self.progress = tasks, check_path(out, "out"), progress
+        self.tracker = tracker or TrackerSpec()
         self.bar = tqdm(disable=True)  # the current task's bar over its entries (see `run`)
         (self.out / "cache").mkdir(parents=True, exist_ok=True)
 
@@ -237,7 +242,8 @@ class Comparison:
                               eval_num_steps=task.num_steps, grid_every=0, progress=self.progress,
                               probe_every=task.probe_every, probe_images=task.probe_images, keep_probe_loras=True,
                               algo_overrides=dict(task.algo_overrides.get(algo, {})))
-            Trainer(cfg, resume=(run / CHECKPOINT).is_file()).train()
+            tracker = replace(self.tracker, name=f"{task.name}/{algo}/seed{seed}")
+            Trainer(cfg, resume=(run / CHECKPOINT).is_file(), tracker=tracker).train()
             with locked(run) as folder:
                 folder.copy_atomic(LORA, snap.name, "LoRA snapshot")
 
@@ -389,7 +395,20 @@ class Comparison:
                 self.time_entries(task, task_rows)
                 rows += task_rows
         write_outputs(rows, self.tasks, self.out, probe_rows)
+        self.track_outputs()
         return rows
+
+    def track_outputs(self) -> None:
+        """The comparison's figures and results.md, to the tracker's summary run (none with the csv default)."""
+        tracker = replace(self.tracker, name=self.out.resolve().name).open(self.out)
+        if tracker is None:
+            return
+        try:
+            for png in sorted(self.out.glob("*.png")):
+                tracker.log_png(png.stem, png)
+            tracker.log_text("results", (self.out / "results.md").read_text())
+        finally:
+            tracker.close()
 
 
 @contextmanager

@@ -11,6 +11,10 @@ import numpy as np
 
 from agents.benchmark.curves import SeedSummary, images_to_reach, no_worse, probe_curve, summarise
 from agents.benchmark.evaluation import DIGITS, PROBE_SEED, SHAPES, TaskProtocol, eval_model, task_protocol
+from diffenv.viz import FIGURE_DPI, FIGURE_INCHES
+
+#: the smallest font of the plots (pt): at FIGURE_INCHES wide shown at FIGURE_WIDTH px, 8 pt is 11 px
+SMALL = 8
 
 #: every metric a row may carry: the generic ones, then each task protocol's columns
 METRICS = list(dict.fromkeys(["reward_mean", "nfe_per_image", "ms_per_image", "time_vs_base",
@@ -295,7 +299,7 @@ def plot_training_curves(tasks, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(FIGURE_INCHES, 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for algo in task.algos:
             curves = [read_log(d / "log.csv") for d in sorted((out / "runs" / task.name / algo).glob("seed*"))]
@@ -307,10 +311,11 @@ def plot_training_curves(tasks, out: Path) -> None:
             y = np.array([[_num(r, "reward_mean") for r in c[:n]] for c in curves])
             ax.plot(x, y.mean(0), label=algo)
             ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
-        ax.set(title=task.name, xlabel="images generated", ylabel="training reward (mean, min–max over seeds)")
-        ax.legend(fontsize=8)
+        ax.set(title=task.name, xlabel="images generated", ylabel="training reward\n(mean, min–max over seeds)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=SMALL)
     fig.tight_layout()
-    fig.savefig(out / "reward_vs_images.png", dpi=110)
+    fig.savefig(out / "reward_vs_images.png", dpi=FIGURE_DPI)
     plt.close(fig)
 
 
@@ -327,13 +332,14 @@ def plot_probe_curves(tasks, out: Path, probe_rows: list[dict]) -> None:
         cfg = sorted((r for r in probe_rows if r["task"] == task.name), key=lambda r: r["guidance_scale"])
         if protocol is None or not cfg:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, axes = plt.subplots(1, 2, figsize=(FIGURE_INCHES, 4.5))
         for ax, key, label in ((axes[0], "score", "probe judge accuracy"),
                                (axes[1], "diversity", f"probe {protocol.diversity_label}")):
             metric = "judge_accuracy" if key == "score" else protocol.diversity
             for i, r in enumerate(cfg):
                 ax.axhline(r[metric], color="k", ls=":", lw=0.8, alpha=0.4 + 0.6 * i / max(len(cfg) - 1, 1))
-                ax.annotate(r["entry"], (0, r[metric]), xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
+                ax.annotate(r["entry"], (0, r[metric]), xycoords=("axes fraction", "data"), fontsize=SMALL,
+                            va="bottom")
             for algo in task.algos:
                 curves = [c for c in run_curves(task, algo, out, protocol).values() if c]
                 if not curves:
@@ -344,9 +350,9 @@ def plot_probe_curves(tasks, out: Path, probe_rows: list[dict]) -> None:
                 ax.plot(xs, y.mean(0), "-o", ms=3, label=f"{algo} (mean of {len(curves)} seeds)")
             ax.set(title=task.name, xlabel="images generated", ylabel=label)
         if axes[0].get_legend_handles_labels()[0]:
-            axes[0].legend(fontsize=7)
+            axes[0].legend(fontsize=SMALL)
         fig.tight_layout()
-        fig.savefig(out / f"curves_{task.name}.png", dpi=110)
+        fig.savefig(out / f"curves_{task.name}.png", dpi=FIGURE_DPI)
         plt.close(fig)
 
 
@@ -359,7 +365,7 @@ def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
     tasks = [t for t in tasks if task_protocol(t.model) is not None]
     if not tasks:
         return
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(FIGURE_INCHES, 5 + 4 * (len(tasks) > 1)), squeeze=False)
     for col, task in enumerate(tasks):
         protocol = task_protocol(task.model)
         rows = [r for r in agg if r["task"] == task.name]
@@ -370,7 +376,7 @@ def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
                                                         protocol.diversity_label, "judge accuracy")]):
             ax.plot([r[xm] for r in cfg], [r[ym] for r in cfg], "k-o", label="CFG (w sweep)")
             for r in cfg:
-                ax.annotate(r["entry"].split("=")[-1], (r[xm], r[ym]), fontsize=7)
+                ax.annotate(r["entry"].split("=")[-1], (r[xm], r[ym]), fontsize=SMALL)
             for r in (r for r in rows if r["kind"] == "best_of_n"):
                 ax.plot(r[xm], r[ym], "s", label=r["entry"])
             for algo in task.algos:
@@ -379,9 +385,9 @@ def plot_frontier(agg: list[dict], tasks, out: Path) -> None:
                 for r in (r for r in rows if r["algo"] == algo and r["kind"] == "selected"):
                     ax.plot(r[xm], r[ym], "*", ms=10, color=line.get_color(), label=f"{algo} (selected)")
             ax.set(title=task.name, xlabel=xl, ylabel=yl)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=SMALL)
     fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=110)
+    fig.savefig(out / "frontier.png", dpi=FIGURE_DPI)
     plt.close(fig)
 
 
@@ -413,16 +419,16 @@ def plot_grids(agg: list[dict], tasks, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        height = 0.8 * len(strips) + (1.8 if protocol.captions else 0.5)
-        fig, axes = plt.subplots(len(strips), 1, figsize=(10, height), squeeze=False)
+        height = max(FIGURE_INCHES / 3, 0.8 * len(strips) + (2.2 if protocol.captions else 0.5))
+        fig, axes = plt.subplots(len(strips), 1, figsize=(FIGURE_INCHES, height), squeeze=False)
         for ax, (name, _), strip in zip(axes[:, 0], panels, strips):
             ax.imshow(strip)
-            ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+            ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
             ax.set_xticks([]), ax.set_yticks([])
         if protocol.captions:  # each column's prompt, under the last row
             width = strips[-1].shape[1] / 20
             axes[-1, 0].set_xticks([width * (i + 0.5) for i in range(20)])
-            axes[-1, 0].set_xticklabels(first.prompts[:20], rotation=60, ha="right", fontsize=6)
+            axes[-1, 0].set_xticklabels(first.prompts[:20], rotation=60, ha="right", fontsize=SMALL)
         fig.tight_layout()
-        fig.savefig(out / f"grids_{task.name}.png", dpi=110)
+        fig.savefig(out / f"grids_{task.name}.png", dpi=FIGURE_DPI)
         plt.close(fig)
