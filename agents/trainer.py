@@ -72,9 +72,9 @@ class TrainConfig:
     """progress bar"""
     model_kwargs: dict = field(default_factory=dict)
     """backend options, e.g. {"prompts": "prompts.txt"} for "sd:PATH" models"""
-    kl_samples: int = field(default=16, metadata=bounds(ge=1))
-    """images of each epoch whose visited states give the logged KL to the base (two forwards per stochastic step
-    each: on shapes at 16 they cost ~10 % of an epoch)"""
+    kl_samples: int = field(default=4, metadata=bounds(ge=1))
+    """images of each epoch whose visited states give the logged KL to the base (two network rows per stochastic
+    step each: at 16 they cost 10-30 % of a shapes epoch, benchmarks/train_throughput.py)"""
     probe_every: int = field(default=0, metadata=bounds(ge=0))
     """over-optimisation monitor: every N epochs (and at epoch 1) score a fixed probe set (0: off)"""
     probe_images: int = field(default=200, metadata=bounds(ge=2))
@@ -286,15 +286,17 @@ class Trainer:
     @torch.no_grad()
     def kl_to_base(self, rollout, n: int = 16) -> torch.Tensor:
         """Mean over stochastic steps of KL(π_θ ‖ π_base) per transition, on the first n samples' visited
-        states: a 0-d tensor on the device (read with the epoch's other diagnostics)."""
+        states: a 0-d tensor on the device (read with the epoch's other diagnostics). Every (sample, step) state
+        goes through one batched call of each network: per-step calls of n rows cost ~4x more on shapes."""
+        if not self._stochastic_steps:
+            return torch.zeros((), device=rollout["latents"].device)
         lat, c = rollout["latents"][:n], rollout["conditions"][:n]
-        kls = []
-        for k in self._stochastic_steps:
-            idx = torch.full((len(c),), k, dtype=torch.long, device=lat.device)
-            mean, std = self.policy.distribution(lat[:, k], idx, c)
-            ref, _ = self.policy.distribution(lat[:, k], idx, c, reference=True)
-            kls.append(gaussian_kl_equal_std(mean, ref, std).mean())
-        return torch.stack(kls).mean() if kls else torch.zeros((), device=lat.device)
+        steps = torch.tensor(self._stochastic_steps, device=lat.device)
+        x = lat[:, steps].flatten(0, 1)  # [n·S, C, H, W], sample-major
+        idx, cond = steps.repeat(len(c)), c.repeat_interleave(len(steps))
+        mean, std = self.policy.distribution(x, idx, cond)
+        ref, _ = self.policy.distribution(x, idx, cond, reference=True)
+        return gaussian_kl_equal_std(mean, ref, std).view(len(c), len(steps)).mean()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:
