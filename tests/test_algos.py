@@ -6,12 +6,12 @@ What "ratio = 1 at θ_old" and "zero advantages ⇒ zero update" mean per algori
 | algo | at θ_old (prepare, then loss, same parameters) | rewards all equal |
 |---|---|---|
 | ddpo, grpo | per-step ρ = 1 (approx. KL 0) | A = 0: zero gradient (grpo: kl_coef = 0, see below) |
-| fpo | ρ = exp(ℓ_old − ℓ_θ) = 1 | A = 0: zero gradient |
+| fpo | ρ = exp(ℓ_old − ℓ_θ) = 1 | A = 0: zero gradient (kl_coef = 0) |
 | nft | loss = mean ‖x̂0_old − x0‖²/w_old/β, whatever r | r = ½: zero gradient at θ_old (v⁺, v⁻ cancel) |
 | fdfo | ρ = exp(−mean (v_θ − v*)² + mean d̃²) = 1 | ΔR = 0: the loss is identically 0 |
 | awm | per-draw ρ = exp(log p_θ − log p_old) = 1 (matching-loss ELBO) | Â = 0: zero gradient (kl_coef = 0) |
 
-GRPO's and AWM's KL terms are a separate pull toward the base model: their gradient is zero only at the base.
+GRPO's, FPO's and AWM's KL terms are a separate pull toward the base model: their gradient is zero only at the base.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_loss_returns_named_terms_and_detached_diagnostics(name, model):
 
 @pytest.mark.parametrize("name, model", CASES)
 def test_equal_rewards_give_zero_gradient(name, model):
-    algo, policy, env = build(name, model, **({"kl_coef": 0.0} if name in ("grpo", "awm") else {}))
+    algo, policy, env = build(name, model, **({"kl_coef": 0.0} if name in ("grpo", "awm", "fpo") else {}))
     rollout = rollout_of(policy, env)
     equal = rollout.clone()
     equal["rewards"] = torch.full_like(rollout["rewards"], 0.5)

@@ -58,9 +58,10 @@ class FPOConfig(AlgoConfig):
     """Monte-Carlo (t, ε) draws per sample, shared by ℓ_old and ℓ_θ"""
     adv_eps: float = field(default=1e-4, metadata=bounds(gt=0))
     """added to the group std"""
-    kl_coef: float = field(default=0.0, metadata=bounds(ge=0))
+    kl_coef: float = field(default=0.1, metadata=bounds(ge=0))
     """λ of an anchor to the base model, λ · mean ‖v_θ − v_ref‖² at the Monte-Carlo draws (DiffusionNFT's form;
-    0 skips the reference forward)"""
+    0 skips the reference forward). Without it FPO sharpens its classes: on digits-flow 3 (seed 0, 4,096 images)
+    the within-class variance fell 0.0505 → 0.0335; at 0.1 it stayed at 0.049 (docs/design.md §7.4)"""
     seed: int = field(default=0, metadata=SEED)
     """seed of the algorithm's generator for the (t, ε) draws (each rank's own: `stream_seed`)"""
 
