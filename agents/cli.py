@@ -131,6 +131,8 @@ def add_field(p: argparse.ArgumentParser, cls: type, name: str, **overrides: Any
     kwargs.update(overrides)
     if kwargs.get("action") == "append":
         kwargs.pop("nargs", None)
+    if kwargs.get("help"):  # prose from docstrings: argparse reads help as a %-format string
+        kwargs["help"] = kwargs["help"].replace("%", "%%")
     return p.add_argument(flag, **kwargs)
 
 
