@@ -63,22 +63,25 @@ class DiffusionPolicy(nn.Module):
         return self.backend.device
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor,
-                reference: bool = False) -> torch.Tensor:
+                reference: bool = False, guidance_scale: float | None = None) -> torch.Tensor:
         """Network output [B, C, H, W] at any network timesteps [B] (e.g. a forward-process draw), with the
-        policy's CFG weight; `reference=True` uses the frozen base."""
+        policy's CFG weight (or `guidance_scale`: 2 NFE unless it is 1 or 0); `reference=True` uses the frozen
+        base."""
+        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if reference:
             with adapter_disabled(self.denoiser):
-                return self.backend.predict(latents, timesteps, conditions, self.guidance_scale)
-        return self.backend.predict(latents, timesteps, conditions, self.guidance_scale)
+                return self.backend.predict(latents, timesteps, conditions, w)
+        return self.backend.predict(latents, timesteps, conditions, w)
 
     def model_output(self, latents: torch.Tensor, step_index: torch.Tensor, conditions: torch.Tensor,
-                     reference: bool = False) -> torch.Tensor:
+                     reference: bool = False, guidance_scale: float | None = None) -> torch.Tensor:
         """Network output at the sampler's step (x_t, t_k, c) [B, C, H, W]; `reference=True` uses the frozen base."""
-        return self.predict(latents, self.sampler.model_timesteps[step_index], conditions, reference)
+        return self.predict(latents, self.sampler.model_timesteps[step_index], conditions, reference, guidance_scale)
 
-    def distribution(self, latents, step_index, conditions, reference: bool = False):
+    def distribution(self, latents, step_index, conditions, reference: bool = False,
+                     guidance_scale: float | None = None):
         """(mean [B, C, H, W], std [B]) of π(x_{t−1} | x_t, c) at per-sample step indices."""
-        out = self.model_output(latents, step_index, conditions, reference=reference)
+        out = self.model_output(latents, step_index, conditions, reference=reference, guidance_scale=guidance_scale)
         return self.sampler.step_distribution(latents, out, step_index)
 
     def log_prob(self, next_latents, latents, step_index, conditions) -> torch.Tensor:

@@ -185,6 +185,7 @@ class Trainer:
             if self.algo_cfg.train_fraction < 1:
                 rollout["train_steps"] = random_step_subset(self._eligible_steps(rollout),
                                                             self.algo_cfg.train_fraction, self.shuffle_gen)
+            self.algo.begin_epoch(self.images_seen)
             items = self.algo.prepare(rollout)
         diag = DeviceMeans()
         minibatch = 0

@@ -210,6 +210,45 @@ def test_reference_term_vanishes_at_the_base(name, model):
     assert total_loss(out).item() == pytest.approx(total_loss(out_off).item(), rel=1e-6)
 
 
+REFERENCE_CASES = [c for c in CASES if ALGORITHMS[c.values[0]].reference_term]
+
+
+@pytest.mark.parametrize("name, model", REFERENCE_CASES)
+def test_cfg_reference_is_the_guided_base(name, model):
+    """ref_guidance_scale = w anchors to the base run with CFG. At a zero LoRA the policy is the base at w = 1,
+    and a reference term quadratic in the output gap u + w (c − u) − c = (w − 1)(u − c) is (3 − 1)² = 4 times
+    larger at w = 3 than at w = 2, on the same rollout and draws (float32 rounding: a few eps of the outputs'
+    magnitude). That holds for the output-space anchors and for GRPO's Gaussian KL on flow models (the step mean
+    is linear in v); on ε-models DDIM clips x̂0, so GRPO's step mean is not linear in ε̂ and the term only grows."""
+    kl = {}
+    for w in (1.0, 2.0, 3.0):
+        algo, policy, env = build(name, model, perturb=False, kl_coef=1.0, ref_guidance_scale=w)
+        kl[w] = backward(algo, prepare(algo, rollout_of(policy, env)))["kl_to_ref"].item()
+    assert kl[1.0] == pytest.approx(0.0, abs=1e-10)
+    assert 0 < kl[2.0] < kl[3.0]
+    if (name, model) != ("grpo", "digits-eps"):
+        assert kl[3.0] / kl[2.0] == pytest.approx(4.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("name, model", REFERENCE_CASES)
+def test_kl_half_life_halves_the_reference_weight(name, model):
+    """kl_half_life = h: the term's weight is kl_coef · 2^(−n / h) after n images (loss_kl = weight · kl_to_ref)."""
+    algo, policy, env = build(name, model, kl_coef=0.4, kl_half_life=64)
+    items = prepare(algo, rollout_of(policy, env))
+    for images, weight in ((0, 0.4), (64, 0.2), (96, 0.4 * 2 ** -1.5)):
+        algo.begin_epoch(images)
+        out = algo.loss(items)
+        assert algo.kl_coef_now() == pytest.approx(weight, rel=1e-12)
+        assert out["loss_kl"].item() == pytest.approx(weight * out["kl_to_ref"].item(), rel=1e-6)
+
+
+def test_reference_options_need_a_reference_term():
+    """DDPO has no KL / anchor term: a CFG reference or a half-life there is an error, not silently ignored."""
+    for bad in ({"ref_guidance_scale": 5.0}, {"kl_half_life": 1024}):
+        with pytest.raises(ValueError, match="ddpo has no reference"):
+            build("ddpo", "digits-eps", **bad)
+
+
 def test_algorithm_files_import_no_other_algorithm():
     """One algorithm per file: each imports shared modules only (`agents.algos.base`, `agents.losses`, …);
     `diffenv` (the forward process, the samplers) never imports `agents`."""
@@ -298,11 +337,13 @@ def test_update_moves_samples_toward_higher_reward(name, model, sign):
 
 
 # --------------------------------------------------------------------------- exact resume of algorithm state
-@pytest.mark.parametrize("name, extra", [("fpo", {}), ("nft", {}), ("fdfo", {}), ("awm", {}),
-                                         ("grpo", {"train_fraction": 0.5})], ids=["fpo", "nft", "fdfo", "awm",
-                                                                                 "grpo-train_fraction"])
+@pytest.mark.parametrize("name, extra", [("fpo", {}), ("nft", {}),
+                                         ("fdfo", {"kl_coef": 0.1, "kl_half_life": 16, "ref_guidance_scale": 2.0}),
+                                         ("awm", {}), ("grpo", {"train_fraction": 0.5})],
+                         ids=["fpo", "nft", "fdfo-decaying-cfg-anchor", "awm", "grpo-train_fraction"])
 def test_resume_is_exact(tmp_path, name, extra):
-    """Algorithm state, and with train_fraction < 1 the subset draws (the trainer's checkpointed generator)."""
+    """Algorithm state, with train_fraction < 1 the subset draws (the trainer's checkpointed generator), and with
+    kl_half_life the anchor weight of the resumed epoch (it follows the checkpointed images_seen)."""
     small = {"images_per_epoch": 16, "group_size": 2 if name == "fdfo" else 4, "minibatch_size": 8, **extra}
 
     def cfg(out, images):

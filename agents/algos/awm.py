@@ -97,14 +97,15 @@ class AWM(Algorithm):
         return items
 
     def _outputs(self, items: TensorDict, reference: bool = False) -> torch.Tensor:
-        return self.policy.predict(items["latents"], items["timesteps"], items["conditions"], reference)
+        return self.policy.predict(items["latents"], items["timesteps"], items["conditions"], reference,
+                                   self.reference_scale(reference))
 
     def loss(self, items: TensorDict) -> dict:
         output = self._outputs(items)
         log_p = self.log_likelihood(output, items)
         out = clipped_surrogate(log_p - items["old_log_probs"], items["advantages"], self.cfg.clip_range)
         if self.cfg.kl_coef > 0:
-            out |= kl_terms(output_anchor(output, items["ref_outputs"]), self.cfg.kl_coef)
+            out |= kl_terms(output_anchor(output, items["ref_outputs"]), self.kl_coef_now())
         out["matching_loss"] = -log_p.detach().mean()
         return out
 

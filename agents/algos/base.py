@@ -45,6 +45,14 @@ class AlgoConfig:
     The per-state loss is a mean over steps, so the subset's mean is an unbiased estimate of it; the update (and
     the old/reference forwards of the states) then costs this share (algorithms that train on visited states)"""
 
+    ref_guidance_scale: float = field(default=1.0, metadata=bounds(ge=0))
+    """CFG weight of the reference in the algorithm's KL / anchor term (`kl_coef`): 1 is the frozen base as it is;
+    w > 1 anchors to the base *run with CFG* (a CRD-style reference: the guidance-free policy is pulled toward the
+    guided base, and each reference forward costs 2 NFE). The trained policy still acts at its own guidance"""
+    kl_half_life: int = field(default=0, metadata=bounds(ge=0))
+    """images after which the reference term's weight has halved: `kl_coef · 2^(−images_seen / kl_half_life)`
+    (a decaying anchor; 0 keeps `kl_coef` constant)"""
+
     def __post_init__(self) -> None:
         validate_fields(self)
 
@@ -59,6 +67,8 @@ class Algorithm:
     #: which visited states the update trains on: "stochastic" (per-step likelihoods: σ > 0 steps), "all", or None
     #: (forward-process draws of the final samples, no visited states: `train_fraction` does not apply)
     visited_states: ClassVar[str | None] = "stochastic"
+    #: whether the loss has a reference term (`kl_coef`), to which `ref_guidance_scale` / `kl_half_life` apply
+    reference_term: ClassVar[bool] = True
 
     def __init__(self, policy: DiffusionPolicy, cfg: AlgoConfig, dist: Dist | None = None):
         if policy.backend.family not in self.families:
@@ -68,8 +78,27 @@ class Algorithm:
             raise ValueError(f"{self.name} trains on forward-process draws of the final samples, not on visited "
                              f"states: train_fraction={cfg.train_fraction} applies to algorithms that do "
                              "(ddpo, grpo, fdfo); expected 1.0")
+        if not self.reference_term and (cfg.ref_guidance_scale != 1.0 or cfg.kl_half_life):
+            raise ValueError(f"{self.name} has no reference (KL / anchor) term: ref_guidance_scale="
+                             f"{cfg.ref_guidance_scale} and kl_half_life={cfg.kl_half_life} apply to algorithms "
+                             "with a kl_coef; expected 1.0 and 0")
         self.policy, self.cfg = policy, cfg
         self.dist = dist or Dist()
+        self.images_seen = 0  # set by the trainer before each epoch (`begin_epoch`)
+
+    def begin_epoch(self, images_seen: int) -> None:
+        """Called by the trainer before each epoch's rollout with the images trained on so far (all ranks)."""
+        self.images_seen = int(images_seen)
+
+    def kl_coef_now(self) -> float:
+        """The reference term's weight this epoch: `kl_coef`, halved every `kl_half_life` images when that is set."""
+        if not self.cfg.kl_half_life:
+            return self.cfg.kl_coef
+        return self.cfg.kl_coef * 0.5 ** (self.images_seen / self.cfg.kl_half_life)
+
+    def reference_scale(self, reference: bool) -> float | None:
+        """The CFG weight of a forward: `ref_guidance_scale` for the reference, None (the policy's own) otherwise."""
+        return self.cfg.ref_guidance_scale if reference else None
 
     def prepare(self, rollout: TensorDict) -> TensorDict:
         raise NotImplementedError

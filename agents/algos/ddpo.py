@@ -41,6 +41,7 @@ class DDPOConfig(AlgoConfig):
 
 class DDPO(Algorithm):
     name = "ddpo"
+    reference_term = False
     Config = DDPOConfig
 
     def __init__(self, policy, cfg: DDPOConfig, dist=None):

@@ -102,7 +102,8 @@ class FDFO(Algorithm):
 
     def _outputs(self, items: TensorDict, reference: bool = False) -> torch.Tensor:
         """The network's output at every visited state, in minibatches (`reference`: the frozen base)."""
-        return torch.cat([self.policy.model_output(mb["latents"], mb["step_index"], mb["conditions"], reference)
+        return torch.cat([self.policy.model_output(mb["latents"], mb["step_index"], mb["conditions"], reference,
+                                                   self.reference_scale(reference))
                           for mb in items.split(self.cfg.minibatch_size)])
 
     def loss(self, items: TensorDict) -> dict:
@@ -115,5 +116,5 @@ class FDFO(Algorithm):
         out |= ratio_diagnostics(log_ratio.detach())
         out["reward_diff_abs"] = dr.abs().mean().detach()
         if self.cfg.kl_coef > 0:
-            out |= kl_terms(output_anchor(v_theta, items["ref_outputs"]), self.cfg.kl_coef)
+            out |= kl_terms(output_anchor(v_theta, items["ref_outputs"]), self.kl_coef_now())
         return out

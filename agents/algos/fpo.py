@@ -67,14 +67,14 @@ class FPOConfig(AlgoConfig):
 
 
 def cfm_losses(policy: DiffusionPolicy, process: ForwardProcess, actions, times, noises, conditions,
-               reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               reference: bool = False, guidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ℓ per draw [b, n]: mean-over-dims squared error of the model output against the target, the outputs
-    [b·n, C, H, W]); `reference`: the frozen base's."""
+    [b·n, C, H, W]); `reference`: the frozen base's, at `guidance_scale` (None: the policy's)."""
     b, n = times.shape
     a = actions.unsqueeze(1).expand(b, n, *actions.shape[1:]).reshape(b * n, *actions.shape[1:])
     eps, u = noises.reshape(b * n, *noises.shape[2:]), times.reshape(-1)
     x_t, timesteps = process.noise(a, u, eps)
-    out = policy.predict(x_t, timesteps, conditions.repeat_interleave(n), reference)
+    out = policy.predict(x_t, timesteps, conditions.repeat_interleave(n), reference, guidance_scale)
     return per_sample_mean((out - process.target(a, u, eps)).pow(2)).view(b, n), out
 
 
@@ -110,7 +110,8 @@ class FPO(Algorithm):
         items["cfm_old"] = torch.cat([cfm_losses(self.policy, self.process, *(mb[k] for k in keys))[0]
                                       for mb in items.split(self.cfg.minibatch_size)])  # [B, n_mc]
         if self.cfg.kl_coef > 0:
-            ref = [cfm_losses(self.policy, self.process, *(mb[k] for k in keys), reference=True)[1]
+            ref = [cfm_losses(self.policy, self.process, *(mb[k] for k in keys), reference=True,
+                              guidance_scale=self.reference_scale(True))[1]
                    for mb in items.split(self.cfg.minibatch_size)]
             items["ref_outputs"] = torch.cat(ref).view(b, self.cfg.n_mc, *actions.shape[1:])
         return items
@@ -121,7 +122,7 @@ class FPO(Algorithm):
         log_ratio = items["cfm_old"].mean(1) - cfm.mean(1)  # log ρ = ℓ_old − ℓ_θ
         out = clipped_surrogate(log_ratio, items["advantages"], self.cfg.clip_range)
         if self.cfg.kl_coef > 0:
-            out |= kl_terms(output_anchor(outputs, items["ref_outputs"].flatten(0, 1)), self.cfg.kl_coef)
+            out |= kl_terms(output_anchor(outputs, items["ref_outputs"].flatten(0, 1)), self.kl_coef_now())
         out["cfm_loss"] = cfm.mean().detach()
         return out
 

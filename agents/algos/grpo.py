@@ -61,6 +61,7 @@ class GRPO(Algorithm):
         out = clipped_surrogate(log_ratio, items["advantages"], self.cfg.clip_range, late)
         if self.cfg.kl_coef > 0:
             with torch.no_grad():
-                ref_mean, _ = self.policy.distribution(x, k, c, reference=True)
-            out |= kl_terms(gaussian_kl_equal_std(mean, ref_mean, std).mean(), self.cfg.kl_coef)
+                ref_mean, _ = self.policy.distribution(x, k, c, reference=True,
+                                                      guidance_scale=self.reference_scale(True))
+            out |= kl_terms(gaussian_kl_equal_std(mean, ref_mean, std).mean(), self.kl_coef_now())
         return out

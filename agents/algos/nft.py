@@ -125,7 +125,8 @@ class DiffusionNFT(Algorithm):
         return swapped_in(self.params, self.ema) if self.cfg.collect_with_old else super().collect_context()
 
     def _outputs(self, items: TensorDict, reference: bool = False) -> torch.Tensor:
-        return torch.cat([self.policy.predict(mb["latents"], mb["timesteps"], mb["conditions"], reference)
+        return torch.cat([self.policy.predict(mb["latents"], mb["timesteps"], mb["conditions"], reference,
+                                              self.reference_scale(reference))
                           for mb in items.split(self.cfg.minibatch_size)])
 
     def residual(self, output: torch.Tensor, items: TensorDict) -> torch.Tensor:
@@ -149,7 +150,7 @@ class DiffusionNFT(Algorithm):
                     + (1 - r) * per_sample_mean(res_neg.pow(2)) / w_neg) / beta
         out = {"loss_policy": per_item.mean()}
         if self.cfg.kl_coef > 0:
-            out |= kl_terms(output_anchor(v_theta, items["ref_outputs"]), self.cfg.kl_coef)
+            out |= kl_terms(output_anchor(v_theta, items["ref_outputs"]), self.kl_coef_now())
         with torch.no_grad():
             out["old_deviate"] = per_sample_mean((v_theta - v_old).pow(2)).mean()
             out["r_mean"] = r.mean()
