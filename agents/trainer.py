@@ -28,6 +28,7 @@ from agents.rollout import collect_rollout, random_step_subset
 from agents.runfolder import CHECKPOINT, GRIDS, LOG, LORA, RunError, RunFolder, non_finite
 from agents.tracking import TrackerSpec
 from diffenv.paths import check_path
+from diffenv.tasks import TASK_REWARD, resolve_reward
 from diffenv.validation import DEVICE, SEED, bounds, validate_fields
 
 #: the phases of an epoch `Trainer.phase_times` splits its time into (the env's reward call is inside `rollout`)
@@ -45,8 +46,8 @@ class TrainConfig:
     """algorithm (agents/algos/NAME.py)"""
     model: str = "digits-eps"
     """the base model: a registered name or 'sd:PATH'-style diffusers spec"""
-    reward: Any = "digit_classifier"
-    """a reward name or a {name: weight} table"""
+    reward: Any = TASK_REWARD
+    """a reward name or a {name: weight} table (default: the model's task's reward, `diffenv.tasks`)"""
     images: int = field(default=20000, metadata=bounds(ge=1))
     """budget: images generated for training (all ranks together), a multiple of images_per_epoch"""
     out: str = "runs/run"
@@ -91,6 +92,7 @@ class TrainConfig:
         if self.algo not in ALGORITHMS:
             raise ValueError(f"unknown algo {self.algo!r}; expected one of {sorted(ALGORITHMS)}")
         validate_fields(self)
+        self.reward = resolve_reward(self.reward, self.model)  # the checkpoint records the reward by name
         check_path(self.out, "out")
         make_algorithm_config(self.algo, self.algo_overrides)  # bad options fail here, before any work
 

@@ -1,4 +1,4 @@
-"""How much does the environment cost on top of the network? (issue #2 targets)
+"""How much does the environment cost on top of the network? (targets: native / bare ≤ 1.05, SyncVectorEnv / native ≥ 10)
 
     python benchmarks/env_throughput.py [--num-envs 64] [--num-steps 10] [--episodes 20] [--model digits-eps]
                                         [--device cpu] [--validate 1] [--skip-sync-env]

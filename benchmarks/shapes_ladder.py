@@ -1,5 +1,5 @@
 """The `shapes` model ladder: train UNet variants (steps, width, prompt dropout) on the packaged autoencoder and
-measure each one's guidance regime, to pick a model where CFG is needed (issue: w = 1 roughly 20–65 %, best CFG
+measure each one's guidance regime, to pick a model where CFG is needed (target: w = 1 roughly 20–65 %, best CFG
 ≥ +15 points, single objects ≥ 80 % at the best CFG).
 
     python benchmarks/shapes_ladder.py --device cuda --jobs 7 --out runs/ladder      # all candidates, in parallel

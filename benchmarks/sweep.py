@@ -1,5 +1,5 @@
-"""A hyperparameter sweep of one algorithm on one task, read off validation learning curves (issue #12: FDFO
-understood, diversity-preserving defaults).
+"""A hyperparameter sweep of one algorithm on one task, read off validation learning curves (used to
+understand FDFO and to choose diversity-preserving defaults, docs/design.md §7).
 
     python benchmarks/sweep.py --algo fdfo --model digits-flow --num-steps 3 --images 4096 --seeds 0 1 \\
         --set noise_level=0.7 --grid lr=3e-4,1e-3 minibatch_size=256,48 --jobs 2 --out runs/sweep/fdfo_flow3

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from diffenv.env import DiffusionSteerEnv
-from diffenv.sampling import GenerationResult, generate
-from diffenv.vector_env import DiffusionSteerVectorEnv
+from diffenv.quiet import quiet_third_party
+
+quiet_third_party()  # before the backends import transformers / diffusers
+
+from diffenv.env import DiffusionSteerEnv  # noqa: E402
+from diffenv.sampling import GenerationResult, generate  # noqa: E402
+from diffenv.vector_env import DiffusionSteerVectorEnv  # noqa: E402
 
 ENV_ID = "DiffusionSteer-v0"
 

@@ -9,52 +9,15 @@ line and the Python API reject the same values with the same words (`diffenv.val
 from __future__ import annotations
 
 import argparse
-import logging
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from diffenv.paths import check_output_file
+from diffenv.quiet import quiet_third_party  # noqa: F401  (the CLI calls it; kept importable here)
+from diffenv.tasks import resolve_reward
 from diffenv.validation import bounds
-
-#: third-party log lines the CLI drops: (logger, message pattern). Each is expected in this repo and
-#: gives the user nothing to act on; everything else those libraries log still shows.
-QUIET_LOGS = (
-    # image processors of pipelines we load but never use (safety checker, IP adapters)
-    ("transformers.utils.import_utils", r"requires torchvision \(not installed\); falling back"),
-    # our LoRAs adapt the denoiser only, so loading one finds no text-encoder keys
-    ("diffusers.loaders.lora_base", r"No LoRA keys associated to \w+ found"),
-    ("diffusers.loaders.peft", r"No LoRA keys associated to \w+ found"),
-    ("diffusers.loaders.lora_pipeline", r"No LoRA keys associated to \w+ found"),
-)
-#: third-party warnings the CLI drops: (category, message pattern, module)
-QUIET_WARNINGS = (
-    # `compare`'s SB3 PPO: a last, smaller mini-batch per epoch is intended (K steps x 32 envs)
-    (UserWarning, r"You have specified a mini-batch size of", r"stable_baselines3\."),
-)
-
-
-class _DropMatching(logging.Filter):
-    def __init__(self, pattern: str):
-        super().__init__()
-        self.pattern = re.compile(pattern)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.pattern.search(record.getMessage())
-
-
-def quiet_third_party() -> None:
-    """Install the targeted filters above (idempotent)."""
-    for name, pattern in QUIET_LOGS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in logger.filters):
-            logger.addFilter(_DropMatching(pattern))
-    for category, message, module in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
 
 @dataclass
 class CommonOptions:
@@ -111,7 +74,8 @@ def model_help() -> str:
 def reward_help() -> str:
     import rewards
 
-    return "reward name: " + " | ".join(rewards.names()) + " | none"
+    return ("reward name: " + " | ".join(rewards.names()) + " | none (default: the model's task's reward, "
+            "diffenv/tasks.py: digit_classifier for digits, shapes_verifier for shapes)")
 
 
 def model_kwargs(a: argparse.Namespace) -> dict:
@@ -121,7 +85,8 @@ def model_kwargs(a: argparse.Namespace) -> dict:
 
 def env_kwargs(a: argparse.Namespace) -> dict:
     """Env arguments from flags; `--conditions` is the env's condition set (`generate(condition_set=)`)."""
-    return dict(model=a.model, reward=None if a.reward == "none" else a.reward, num_steps=a.num_steps,
+    return dict(model=a.model, reward=None if a.reward == "none" else resolve_reward(a.reward, a.model),
+                num_steps=a.num_steps,
                 sampler=a.sampler, eta=a.eta, guidance_scale=a.guidance_scale, device=a.device,
                 model_kwargs=model_kwargs(a) or None)
 
@@ -149,6 +114,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
         judge = rewards.make(a.judge, mode="correct")
     kwargs = env_kwargs(a)
+    a.reward = "none" if kwargs["reward"] is None else kwargs["reward"]  # the name the summary prints
     if getattr(a, "lora", None):  # the backend is built here, with its options
         kwargs.update(model=load_model(a), model_kwargs=None)
     result = generate(a.n, batch_size=a.batch_size, seed=a.seed, condition_set=a.conditions,

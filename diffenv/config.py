@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from diffenv.tasks import TASK_REWARD, resolve_reward
 from diffenv.validation import DEVICE, SEED, bounds, checked, validate_fields
 
 ActionMode = Literal["noise", "latent", "initial_noise", "trajectory"]
@@ -34,8 +35,9 @@ class EnvConfig:
 
     model: Any = "digits-eps"
     """a registered model name, 'sd:PATH'-style diffusers spec, or a backend object"""
-    reward: Any = "digit_classifier"
-    """a reward name, a {name: weight} table, a `Reward` or a callable; None: no reward"""
+    reward: Any = TASK_REWARD
+    """a reward name, a {name: weight} table, a `Reward` or a callable; None: no reward (default: the model's
+    task's reward, `diffenv.tasks`: digit_classifier for digits, shapes_verifier for shapes)"""
     num_steps: int | None = field(default=None, metadata=bounds(ge=1))
     """sampler steps per image (default: the model's, `backend.default_num_steps`: 10 for digits, 20 for shapes)"""
     sampler: str | None = None
@@ -115,9 +117,11 @@ class EnvConfig:
         ids = [i for c in items for i in (splits[c] if isinstance(c, str) else [c])]
         return sorted(set(int(c) for c in ids))
 
-    def make_reward(self, device):
-        if self.reward is None:
+    def make_reward(self, device, backend=None):
+        """The reward function (None: no reward); the default names the task of `backend` (else of `model`)."""
+        reward = resolve_reward(self.reward, self.model if backend is None else backend)
+        if reward is None:
             return None
         import rewards
 
-        return rewards.as_reward(self.reward, device=device)
+        return rewards.as_reward(reward, device=device)

@@ -61,7 +61,9 @@ class DiffusionSteerEnv(gym.Env):
     ## Episode end
     `terminated=True` after K steps (1 in the one-step modes); never truncated. At termination
     `info` holds `final_images` (in [0, 1]) and `reward_components`; `info["nfe"]` always holds the
-    network evaluations spent on this episode (2 per step with CFG).
+    network evaluations spent on this episode (2 per step with CFG). Text-to-image models (`shapes`, `sd:` …) also
+    give `info["prompt"]` at reset and every step: the prompt text of the observation's condition (the vector env:
+    one string per sub-env, read from the device once per reset, not per step).
 
     ## Validation
     With `validate=True` (default) a non-finite action, a NaN/inf model output (with a diagnosis: huge
@@ -79,7 +81,7 @@ class DiffusionSteerEnv(gym.Env):
     | argument | default | meaning |
     |---|---|---|
     | `model` | `"digits-eps"` | backend name (`diffenv.models.model_names()`) or a `DiffusionBackend` |
-    | `reward` | `"digit_classifier"` | reward name (`rewards.names()`), a `rewards.Reward`, any callable, or None (0) |
+    | `reward` | `"task"` | reward name (`rewards.names()`), a `rewards.Reward`, any callable, or None (0); `"task"`: the model's task's reward (`diffenv.tasks`: `digit_classifier` for digits, `shapes_verifier` for shapes) |
     | `num_steps` | None | K, sampler steps per image; None: the model's default (10 for digits, 20 for `shapes`) |
     | `sampler` | None | `"ddim"`, `"ddpm"`, `"ode"` (ε-models); `"flow_sde"`, `"ode"` (flow); None = `ddim` / `flow_sde` (`ode` for initial_noise) |
     | `eta` | 1.0 | DDIM η (stochasticity); `noise_level` (0.7) is the flow SDE's `a` |
@@ -132,6 +134,8 @@ class DiffusionSteerEnv(gym.Env):
                 out[key] = {k: float(v[0]) for k, v in value.items()}
             elif isinstance(value, torch.Tensor):
                 out[key] = _np(value[0]) if value[0].dim() else value[0].item()
+            elif isinstance(value, np.ndarray):
+                out[key] = value[0].item()
         return out
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

@@ -74,7 +74,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
             family=self.backend.family, eta=cfg.eta, noise_level=cfg.noise_level, device=self.device,
             **self.backend.sampler_kwargs(cfg.num_steps),
         )
-        self.reward_fn = cfg.make_reward(self.device)
+        self.reward_fn = cfg.make_reward(self.device, self.backend)
         self.condition_set = torch.as_tensor(cfg.condition_ids(self.backend), device=self.device)
         self.episode_length = 1 if cfg.action_mode in ONE_STEP_MODES else cfg.num_steps
         if max_episode_steps is not None and max_episode_steps < self.episode_length:
@@ -106,6 +106,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self.nfe = torch.zeros(n, dtype=torch.long, device=dev)  # [N], this episode
         self._needs_reset = torch.zeros(n, dtype=torch.bool, device=dev)
         self._cached_output: torch.Tensor | None = None  # model output at the current latents
+        self._prompts: np.ndarray | None = None  # [N] str: prompt texts of `conditions` (text-to-image models)
         self._last_dense = torch.zeros(n, device=dev)  # R(x̂0) at the current latents (dense reward)
         self._started = False
         self._lockstep: int | None = None  # the step index all sub-envs share, known on the host; None: may differ
@@ -193,6 +194,7 @@ class DiffusionSteerVectorEnv(VectorEnv):
         self.nfe = self.nfe.masked_fill(mask, 0)
         self._needs_reset = self._needs_reset & ~mask
         self._cached_output = None
+        self._prompts = None  # the prompt texts are read again, once, at the next info
         if self.cfg.dense_reward:
             out = self._predict(self.latents, self.step_index)
             self.nfe = self.nfe + mask * self.nfe_per_step
@@ -411,7 +413,13 @@ class DiffusionSteerVectorEnv(VectorEnv):
         return {"latent": self.latents.clone(), "timestep": t.view(-1, 1).float(), "condition": self.conditions.clone()}
 
     def _info(self) -> dict[str, Any]:
-        return {"nfe": self.nfe.clone(), "step_index": self.step_index.clone()}
+        info = {"nfe": self.nfe.clone(), "step_index": self.step_index.clone()}
+        if self.backend.text_conditioned:  # the agent sees its prompt: one host read per reset, not per step
+            if self._prompts is None:
+                names = self.backend.condition_names
+                self._prompts = np.array([names[c] for c in self.conditions.tolist()], dtype=str)
+            info["prompt"] = self._prompts.copy()
+        return info
 
     def close_extras(self, **kwargs: Any) -> None:
         self._started, self._lockstep = False, None

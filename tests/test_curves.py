@@ -1,4 +1,4 @@
-"""Learning curves and checkpoint selection (issue #12): interpolation on synthetic curves, the CI over seeds, and a
+"""Learning curves and checkpoint selection: interpolation on synthetic curves, the CI over seeds, and a
 selection that never reads the test set."""
 
 from __future__ import annotations

@@ -137,3 +137,17 @@ def test_core_uses_no_integration_and_only_the_task_protocols_of_the_harness():
     for name, edges in graph().items():
         if name.startswith("agents.integrations"):
             assert not [t for t in edges if t.startswith("agents.benchmark")], name
+
+
+def test_no_issue_numbers_in_code_docs_or_generated_reports():
+    """Code, docstrings, configs, docs and the committed reports say what a target is, never which tracker issue
+    asked for it: a reader outside the tracker could not follow "issue #N"."""
+    import re
+
+    pattern = re.compile(r"\bissues?\s*#?\s*\d+", re.IGNORECASE)
+    files = [ROOT / "README.md", *[p for d in (*PACKAGES, "benchmarks", "examples", "tests", "docs")
+                                   for ext in ("*.py", "*.toml", "*.md", "*.yml")
+                                   for p in sorted((ROOT / d).rglob(ext))]]
+    found = [f"{p.relative_to(ROOT)}:{i}: {m.group(0)}" for p in files
+             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) for m in pattern.finditer(line)]
+    assert not found, found

@@ -1,4 +1,4 @@
-"""The vector step waits for the device only at an episode's end (docs/design.md §1, issue #10 item 3).
+"""The vector step waits for the device only at an episode's end (docs/design.md §1).
 
 In lockstep (every sub-env stepped together from a full reset, as in collection and `generate`) a step in
 noise or latent mode must not read a value back from the device: on a GPU each read stalls the pipeline.

@@ -37,6 +37,7 @@ from agents.runfolder import RunFolder
 from agents.tracking import TrackerSpec
 from agents.trainer import check_budget
 from diffenv.paths import check_path, safe_name
+from diffenv.tasks import TASK_REWARD, resolve_reward
 from diffenv.validation import SEED, bounds, validate_fields
 
 #: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
@@ -52,8 +53,8 @@ class Task:
 
     name: str
     model: str = "digits-eps"
-    reward: Any = "digit_classifier"
-    """a reward name or a {name: weight} table"""
+    reward: Any = TASK_REWARD
+    """a reward name or a {name: weight} table (default: the model's task's reward, `diffenv.tasks`)"""
     num_steps: int = field(default=10, metadata=bounds(ge=1))
     """sampler steps of every evaluated entry (and of the RL probes)"""
     train_num_steps: int | None = field(default=None, metadata=bounds(ge=1))
@@ -88,6 +89,7 @@ class Task:
             raise ValueError(f"task {self.name!r}: seeds {bad} are not ints; expected a list of ints")
         try:
             validate_fields(self)
+            self.reward = resolve_reward(self.reward, self.model)
             unknown = sorted(set(self.algo_overrides) - set(known))
             if unknown:
                 raise ValueError(f"algo_overrides names unknown algorithms {unknown}; expected some of {known}")

@@ -29,6 +29,7 @@ import torch
 import rewards
 from diffenv import DiffusionSteerVectorEnv
 from diffenv.sampling import GenerationResult, balanced_conditions, generate
+from diffenv.tasks import task_for_model
 
 
 @lru_cache(maxsize=1)
@@ -200,13 +201,14 @@ SHAPES = TaskProtocol("shapes", shapes_metrics,
                       diversity_lower_is_better=False, captions=True)
 
 
+#: each task's protocol, by the task's name (`diffenv.tasks`); a registered task of your own may add one here
+PROTOCOLS: dict[str, TaskProtocol] = {"digits": DIGITS, "shapes": SHAPES}
+
+
 def task_protocol(model_name: str) -> TaskProtocol | None:
     """The evaluation protocol of a model's task, or None for a model without one (e.g. your own `sd:` model)."""
-    if model_name.startswith("digits"):
-        return DIGITS
-    if model_name == "shapes":
-        return SHAPES
-    return None
+    task = task_for_model(model_name)
+    return PROTOCOLS.get(task.name) if task is not None else None
 
 
 def task_metrics(model_name: str):

@@ -185,7 +185,7 @@ def sample_efficiency(task, protocol: TaskProtocol, probe_rows: list[dict], rows
     return lines + [""], reach, first
 
 
-#: issue #12's targets: an RL model at guidance 1 dominates every CFG point with w > 1, and the most sample-efficient
+#: the comparison's targets: an RL model at guidance 1 dominates every CFG point with w > 1, and the most sample-efficient
 #: algorithm needs EFFICIENCY_TARGET× fewer images than DDPO to reach CFG's best point (on the validation curves)
 EFFICIENCY_TARGET, EFFICIENCY_BASELINE = 3.0, "ddpo"
 
@@ -285,7 +285,7 @@ def write_outputs(rows: list[dict], tasks, out: Path, probe_rows: list[dict] = (
         if protocol is not None:
             curve_lines, reach, first = sample_efficiency(task, protocol, list(probe_rows), rows, out)
             verdicts = targets(agg, task.name, protocol, reach, first)
-            lines += curve_lines + (["### Targets (issue #12)", "", *verdicts, ""] if verdicts else [])
+            lines += curve_lines + (["### Targets (dominance at guidance 1, sample efficiency)", "", *verdicts, ""] if verdicts else [])
     (out / "results.md").write_text("\n".join(lines))
     plot_training_curves(tasks, out)
     plot_probe_curves(tasks, out, list(probe_rows))

@@ -10,7 +10,7 @@ from diffenv.models.base import DiffusionBackend, nfe_per_step
 from diffenv.models.embedded import EMBEDDED_MODELS, EmbeddedDigitsBackend
 from diffenv.models.shapes import SHAPES_MODELS, load_shapes_backend
 
-__all__ = ["DiffusionBackend", "EmbeddedDigitsBackend", "load_backend", "load_tuned_backend", "model_names",
+__all__ = ["DiffusionBackend", "EmbeddedDigitsBackend", "check_model_name", "load_backend", "load_tuned_backend", "model_names",
            "nfe_per_step"]
 
 #: spec prefixes of the diffusers text-to-image backends (`diffenv.models.diffusers_backend`)
@@ -50,6 +50,14 @@ def load_backend(model: str | DiffusionBackend, device: str | torch.device = "cp
         if backend_kwargs:
             raise ValueError(f"embedded model {model!r} takes no backend kwargs, got {sorted(backend_kwargs)}")
         return EmbeddedDigitsBackend(model, device=device)
+    check_model_name(model)
+    raise AssertionError(f"model {model!r} passed check_model_name but has no loader")
+
+
+def check_model_name(model: str) -> None:
+    """A name `load_backend` accepts, or a ValueError naming the closest one (before anything is loaded)."""
+    if model.startswith(DIFFUSERS_PREFIXES) or model in SHAPES_MODELS or model in EMBEDDED_MODELS:
+        return
     close = difflib.get_close_matches(model, model_names(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown model {model!r}: expected one of {model_names()}{hint}")
