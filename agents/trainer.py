@@ -344,9 +344,9 @@ class Trainer:
                 "result": result}
 
     def probe(self) -> dict[str, float]:
-        """Reward, and where the model's task has them (`agents.benchmark.evaluation.task_metrics`: digits, shapes)
-        the held-out judge and diversity, on the fixed probe set."""
-        from agents.benchmark.evaluation import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED, task_metrics
+        """Reward, and where the model's task has them (`diffenv.metrics.task_metrics`: digits, shapes) the held-out
+        judge and diversity, on the fixed probe set."""
+        from diffenv.metrics import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED, task_metrics
 
         result = self.evaluate(self.cfg.probe_images, seed=PROBE_SEED, batch_size=PROBE_BATCH,
                                condition_repeats=PROBE_REPEATS)["result"]

@@ -84,7 +84,12 @@ def model_kwargs(a: argparse.Namespace) -> dict:
 
 
 def env_kwargs(a: argparse.Namespace) -> dict:
-    """Env arguments from flags; `--conditions` is the env's condition set (`generate(condition_set=)`)."""
+    """Env arguments from flags; `--conditions` is the env's condition set (`generate(condition_set=)`). A bad
+    prompt file is named first, then a model without a default reward."""
+    if getattr(a, "prompts", None):
+        from diffenv.models.prompts import load_prompts
+
+        load_prompts(a.prompts)
     return dict(model=a.model, reward=None if a.reward == "none" else resolve_reward(a.reward, a.model),
                 num_steps=a.num_steps,
                 sampler=a.sampler, eta=a.eta, guidance_scale=a.guidance_scale, device=a.device,

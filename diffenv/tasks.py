@@ -3,7 +3,7 @@
 A task names the models it is defined on, the reward a run of those models gets when none is given, the held-out
 judge that scores it (never a training reward), the condition split it is evaluated on, and whether its images are
 captioned with their prompts. The benchmark's metrics and report rules for a task live in
-`agents.benchmark.evaluation.TaskProtocol`, keyed by the task's name.
+`diffenv.metrics.TaskProtocol`, in `diffenv.metrics.PROTOCOLS` by the task's name.
 
 | task | models | default reward | judge | eval conditions |
 |---|---|---|---|---|
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from rewards.registry import Registry
 
 #: the `reward` default of the env, `train` and `compare`: the model's task's default reward (`Task.reward`)
 TASK_REWARD = "task"
@@ -39,32 +41,30 @@ class Task:
     """image grids show each image's prompt"""
 
 
-_TASKS: dict[str, Task] = {}
+#: name -> Task; `register_task` adds one, or the entry-point group `diffusion_steer.tasks` (docs/extending.md)
+TASKS = Registry("task")
 
 
 def register_task(task: Task, *, overwrite: bool = False) -> Task:
     """Make `task` findable by name and by each of its models; a model may belong to one task only."""
     if not isinstance(task, Task):
         raise TypeError(f"register_task expects a diffenv.tasks.Task, got {type(task).__name__}")
-    if task.name in _TASKS and not overwrite:
+    if task.name in TASKS and not overwrite:
         raise ValueError(f"task {task.name!r} is already registered; pass overwrite=True to replace it")
-    taken = {m: t.name for t in _TASKS.values() if t.name != task.name for m in t.models}
+    taken = {m: t.name for t in TASKS.values() if t.name != task.name for m in t.models}
     clash = sorted(m for m in task.models if m in taken)
     if clash:
         raise ValueError(f"task {task.name!r}: model(s) {clash} already belong to task(s) "
                          f"{sorted({taken[m] for m in clash})}; expected models of no other task")
-    _TASKS[task.name] = task
-    return task
+    return TASKS.register(task.name, task, overwrite=overwrite)
 
 
 def task_names() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def get_task(name: str) -> Task:
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {task_names()}")
-    return _TASKS[name]
+    return TASKS.get(name)
 
 
 def model_name(model: Any) -> str | None:
@@ -75,7 +75,7 @@ def model_name(model: Any) -> str | None:
 def task_for_model(model: Any) -> Task | None:
     """The task a model (name or backend) belongs to, or None."""
     name = model_name(model)
-    return next((t for t in _TASKS.values() if name in t.models), None)
+    return next((t for t in TASKS.values() if name in t.models), None)
 
 
 def resolve_reward(reward: Any, model: Any) -> Any:

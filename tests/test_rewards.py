@@ -10,7 +10,7 @@ import torch
 
 import rewards
 from rewards import CallableReward, Reward, WeightedSum
-from rewards.registry import _REGISTRY
+from rewards.registry import REWARDS
 
 BUILTINS = ["digit_classifier", "digit_judge", "jpeg_compressibility", "jpeg_incompressibility", "weighted_sum"]
 
@@ -51,7 +51,7 @@ def test_builtins_registered_and_made_by_name():
 
 
 def test_register_round_trip(monkeypatch):
-    monkeypatch.setattr(rewards.registry, "_REGISTRY", dict(_REGISTRY))
+    monkeypatch.setattr(REWARDS, "_items", dict(REWARDS._items))
 
     @rewards.register("brightness")
     def brightness(scale: float = 1.0):

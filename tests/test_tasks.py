@@ -101,9 +101,9 @@ def test_register_task_from_outside_the_package():
         with pytest.raises(ValueError, match="already registered"):
             register_task(Task("toy-digits-task", models=("toy-model",), reward="digit_classifier"))
     finally:
-        from diffenv import tasks
+        from diffenv.tasks import TASKS
 
-        tasks._TASKS.pop("toy-digits-task")
+        TASKS.unregister("toy-digits-task")
 
 
 def test_import_is_quiet():

@@ -9,14 +9,14 @@ import dataclasses
 from typing import Any
 
 from agents.algos.awm import AWM, AWMConfig
-from agents.algos.base import AlgoConfig, Algorithm
+from agents.algos.base import ALGORITHMS, AlgoConfig, Algorithm, register_algorithm
 from agents.algos.ddpo import DDPO, DDPOConfig
 from agents.algos.fdfo import FDFO, FDFOConfig
 from agents.algos.fpo import FPO, FPOConfig
 from agents.algos.grpo import GRPO, GRPOConfig
 from agents.algos.nft import DiffusionNFT, NFTConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, GRPO, FPO, DiffusionNFT, FDFO, AWM)}
+# the built-ins registered themselves (`@register_algorithm`) when imported above
 
 
 def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) -> AlgoConfig:
@@ -34,6 +34,6 @@ def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) ->
         raise type(e)(f"{algo} option {e}") from None
 
 
-__all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "make_algorithm_config",
+__all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "make_algorithm_config", "register_algorithm",
            "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FPO", "FPOConfig", "DiffusionNFT", "NFTConfig",
            "FDFO", "FDFOConfig", "AWM", "AWMConfig"]

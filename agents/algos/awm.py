@@ -30,7 +30,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.advantages import group_advantages
-from agents.algos.base import AlgoConfig, Algorithm
+from agents.algos.base import AlgoConfig, Algorithm, register_algorithm
 from agents.losses import clipped_surrogate, kl_terms, output_anchor, per_sample_mean
 from agents.rollout import forward_draws
 from diffenv.forward import ForwardProcess
@@ -58,6 +58,7 @@ class AWMConfig(AlgoConfig):
     """seed of the algorithm's generator for the forward-process draws (each rank's own: `stream_seed`)"""
 
 
+@register_algorithm
 class AWM(Algorithm):
     name = "awm"
     Config = AWMConfig

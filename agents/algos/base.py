@@ -12,6 +12,18 @@ from tensordict import TensorDict
 from agents.distributed import Dist
 from agents.policy import DiffusionPolicy
 from diffenv.validation import bounds, validate_fields
+from rewards.registry import Registry
+
+#: name -> Algorithm class; the built-ins register themselves (`register_algorithm`), a package of your own too,
+#: or through the entry-point group `diffusion_steer.algorithms` (docs/extending.md)
+ALGORITHMS = Registry("algorithm")
+
+
+def register_algorithm(cls: type[Algorithm], *, overwrite: bool = False) -> type[Algorithm]:
+    """Class decorator: make an `Algorithm` subclass available by its `name` (`--algo NAME`, compare's `algos`)."""
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise TypeError(f"register_algorithm expects an Algorithm subclass, got {cls!r}")
+    return ALGORITHMS.register(cls.name, cls, overwrite=overwrite)
 
 
 @dataclass

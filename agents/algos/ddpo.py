@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from tensordict import TensorDict
 
 from agents.advantages import PerConditionStats
-from agents.algos.base import AlgoConfig, Algorithm
+from agents.algos.base import AlgoConfig, Algorithm, register_algorithm
 from agents.losses import clipped_surrogate
 from agents.rollout import transitions
 from diffenv.validation import bounds
@@ -39,6 +39,7 @@ class DDPOConfig(AlgoConfig):
     """score-function variant (DDPO_SF): no ratio, no clipping"""
 
 
+@register_algorithm
 class DDPO(Algorithm):
     name = "ddpo"
     reference_term = False

@@ -42,7 +42,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.advantages import group_centred
-from agents.algos.base import AlgoConfig, Algorithm
+from agents.algos.base import AlgoConfig, Algorithm, register_algorithm
 from agents.losses import kl_terms, output_anchor, per_sample_mean, ratio_diagnostics
 from agents.rollout import transitions
 from diffenv.forward import x0_sign
@@ -74,6 +74,7 @@ class FDFOConfig(AlgoConfig):
     the total drift: on shapes FDFO drifts without bound and its judge score falls (docs/design.md §7.6)"""
 
 
+@register_algorithm
 class FDFO(Algorithm):
     name = "fdfo"
     visited_states = "all"

@@ -39,7 +39,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.advantages import group_advantages
-from agents.algos.base import AlgoConfig, Algorithm
+from agents.algos.base import AlgoConfig, Algorithm, register_algorithm
 from agents.losses import clipped_surrogate, kl_terms, output_anchor, per_sample_mean
 from agents.policy import DiffusionPolicy
 from diffenv.forward import ForwardProcess
@@ -78,6 +78,7 @@ def cfm_losses(policy: DiffusionPolicy, process: ForwardProcess, actions, times,
     return per_sample_mean((out - process.target(a, u, eps)).pow(2)).view(b, n), out
 
 
+@register_algorithm
 class FPO(Algorithm):
     name = "fpo"
     visited_states = None  # forward-process draws of x0

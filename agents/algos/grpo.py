@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.advantages import group_advantages
-from agents.algos.base import AlgoConfig, Algorithm
+from agents.algos.base import AlgoConfig, Algorithm, register_algorithm
 from agents.losses import clipped_surrogate, gaussian_kl_equal_std, kl_terms
 from agents.rollout import transitions
 from diffenv.samplers import gaussian_log_prob
@@ -39,6 +39,7 @@ class GRPOConfig(AlgoConfig):
     the floor cut digits-eps FD after 4,096 images 27 → 5.7 at no cost in speed on digits-flow: docs/design.md §7.3)"""
 
 
+@register_algorithm
 class GRPO(Algorithm):
     name = "grpo"
     Config = GRPOConfig

@@ -42,7 +42,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.advantages import group_advantages
-from agents.algos.base import AlgoConfig, Algorithm
+from agents.algos.base import AlgoConfig, Algorithm, register_algorithm
 from agents.losses import kl_terms, output_anchor, per_sample_mean
 from agents.rollout import forward_draws
 from diffenv.forward import ForwardProcess
@@ -89,6 +89,7 @@ def swapped_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> 
                 p.copy_(s)
 
 
+@register_algorithm
 class DiffusionNFT(Algorithm):
     name = "nft"
     visited_states = None  # forward-process draws of x0
