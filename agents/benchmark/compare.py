@@ -19,31 +19,25 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from agents.algos import ALGORITHMS, make_algorithm_config
+from agents.algos import ALGORITHMS
 from agents.benchmark import timing
 from agents.benchmark.curves import probe_curve, select_checkpoint
 from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model,
                                          eval_probe, task_protocol)
+from agents.benchmark.learners import SB3_STATE, learner, learner_names  # noqa: F401  (SB3_STATE: tests)
 from agents.benchmark.report import BASE_ENTRY, read_log, write_outputs
-from agents.runfolder import RunFolder
 from agents.tracking import TrackerSpec
 from agents.trainer import check_budget
 from diffenv.paths import check_path, safe_name
 from diffenv.tasks import TASK_REWARD, resolve_reward
 from diffenv.validation import SEED, bounds, validate_fields
 
-#: generic learners trained through the library adapters (their LoRA is evaluated like an algorithm's)
-GENERIC_LEARNERS = ("sb3_ppo",)
-SB3_PPO_DEFAULTS = dict(num_envs=32, n_epochs=2, batch_size=48, lr=1e-3, lora_rank=8, chunk_images=256)
-SB3_STATE = "sb3_ppo.safetensors"  # the SB3 run's weights-only training state (agents.integrations.sb3.save_training_state)
 QUICK = dict(eval_images=100, budgets=[64], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)
 
 
@@ -80,7 +74,7 @@ class Task:
 
     def validate(self) -> None:
         safe_name(self.name, "task name")  # names runs/<name>/, cache entries and grids_<name>.png
-        known = sorted(ALGORITHMS) + list(GENERIC_LEARNERS)
+        known = learner_names()
         bad = [a for a in self.algos if a not in known]
         if bad:
             raise ValueError(f"task {self.name!r}: unknown algos {bad}; expected some of {known}")
@@ -97,12 +91,9 @@ class Task:
                 if not isinstance(options, dict):
                     raise TypeError(f"algo_overrides.{algo}={options!r}: expected a table of options, e.g. "
                                     f"[algo_overrides.{algo}] lr = 1e-3")
-            bad = sorted(set(self.algo_overrides.get("sb3_ppo", {})) - set(SB3_PPO_DEFAULTS))
-            if bad:
-                raise ValueError(f"unknown sb3_ppo option(s) {bad}; expected some of {sorted(SB3_PPO_DEFAULTS)}")
-            for algo in sorted(set(self.algos) & set(ALGORITHMS)):  # bad options and budgets fail before any work
-                epoch = make_algorithm_config(algo, self.algo_overrides.get(algo, {})).images_per_epoch
-                for budget in self.budgets:
+            for algo in sorted(set(self.algos) | set(self.algo_overrides)):  # bad options and budgets fail first
+                epoch = learner(algo).images_per_epoch(self.algo_overrides.get(algo, {}))
+                for budget in self.budgets if algo in self.algos and epoch is not None else ():
                     check_budget(budget, epoch, f"{algo} budget", f"[algo_overrides.{algo}] images_per_epoch = N")
             self._check_test_seeds()
         except (TypeError, ValueError) as e:
@@ -228,84 +219,8 @@ class Comparison:
         return self.out / "runs" / safe_name(task.name, "task name") / safe_name(algo, "algo") / f"seed{int(seed)}"
 
     def train(self, task: Task, algo: str, seed: int) -> None:
-        """Train one run through every budget, keeping a LoRA snapshot at each (resumable)."""
-        from agents.trainer import CHECKPOINT, LORA, TrainConfig, Trainer
-
-        run = self.run_dir(task, algo, seed)
-        if algo == "sb3_ppo":
-            return self.train_sb3_ppo(task, seed, run)
-        for budget in sorted(task.budgets):
-            snap = run / f"lora_{budget}.safetensors"
-            if snap.is_file():
-                continue
-            self.bar.set_postfix_str(f"training {algo} seed{seed} to {budget} images")
-            cfg = TrainConfig(algo=algo, model=task.model, reward=task.reward, images=budget, out=str(run),
-                              seed=seed, num_steps=task.train_num_steps or task.num_steps,
-                              eval_num_steps=task.num_steps, grid_every=0, progress=self.progress,
-                              probe_every=task.probe_every, probe_images=task.probe_images, keep_probe_loras=True,
-                              algo_overrides=dict(task.algo_overrides.get(algo, {})))
-            tracker = replace(self.tracker, name=f"{task.name}/{algo}/seed{seed}")
-            Trainer(cfg, resume=(run / CHECKPOINT).is_file(), tracker=tracker).train()
-            with locked(run) as folder:
-                folder.copy_atomic(LORA, snap.name, "LoRA snapshot")
-
-    def train_sb3_ppo(self, task: Task, seed: int, run: Path) -> None:
-        """Stable-Baselines3's own PPO fine-tuning the LoRA through `DiffusionActorCriticPolicy` (latent mode).
-
-        The run resumes from `sb3_ppo.safetensors` (weights, optimizer state, counters: no pickle), never
-        from an SB3 `.zip`, whose loading unpickles whatever the run folder holds.
-        """
-        if all((run / f"lora_{b}.safetensors").is_file() for b in task.budgets):
-            return
-        if (run / "ppo.zip").exists() and not (run / SB3_STATE).is_file():
-            raise ValueError(f"{run / 'ppo.zip'} is a Stable-Baselines3 pickle (from an older diffenv compare) and is "
-                             f"never loaded: unpickling a file can run code. Delete {run} to train this run again "
-                             f"(its state is now kept in {SB3_STATE})")
-        with locked(run) as folder:  # one writer, as the trainer's runs: two compares on one --out would both train
-            self._train_sb3_ppo(task, seed, folder)
-
-    def _train_sb3_ppo(self, task: Task, seed: int, folder: RunFolder) -> None:
-        from stable_baselines3 import PPO
-        from stable_baselines3.common.logger import Logger
-
-        from agents.integrations.sb3 import (DiffusionActorCriticPolicy, DiffusionSteerSB3VecEnv, load_training_state,
-                                save_training_state)
-
-        opts = {**SB3_PPO_DEFAULTS, **task.algo_overrides.get("sb3_ppo", {})}
-        run = folder.path
-        k, state = task.num_steps, run / SB3_STATE
-        venv = DiffusionSteerSB3VecEnv(opts["num_envs"], seed=seed, model=task.model, reward=task.reward,
-                                       num_steps=k, action_mode="latent")
-        model = PPO(DiffusionActorCriticPolicy, venv, n_steps=k, batch_size=opts["batch_size"],
-                    n_epochs=opts["n_epochs"], learning_rate=opts["lr"], gamma=1.0, gae_lambda=0.95,
-                    max_grad_norm=1.0, seed=seed, device="cpu",
-                    policy_kwargs={"diffusion_kwargs": dict(model=task.model, num_steps=k,
-                                                            lora_rank=opts["lora_rank"])})
-        # the run's own log.csv below is the record; SB3's default logger would make an empty folder in the temp
-        # directory on every `learn` call (one per chunk)
-        model.set_logger(Logger(folder=None, output_formats=[]))
-        if state.is_file():
-            load_training_state(model, state)
-        start = time.perf_counter()
-        bar = tqdm(total=max(task.budgets), initial=model.num_timesteps // k, unit="img", desc="sb3_ppo",
-                   disable=not self.progress)
-        for budget in sorted(task.budgets):
-            snap = f"lora_{budget}.safetensors"
-            if (run / snap).is_file():  # (a resumed state may be past this budget: never overwrite its snapshot)
-                continue
-            self.bar.set_postfix_str(f"training sb3_ppo seed{seed} to {budget} images")
-            while model.num_timesteps // k < budget:
-                chunk = min(opts["chunk_images"], budget - model.num_timesteps // k)
-                model.learn(chunk * k, reset_num_timesteps=False)
-                episodes = model.rollout_buffer.rewards.size / k  # terminal rewards only
-                row = {"epoch": model._n_updates, "images_seen": model.num_timesteps // k,
-                       "reward_mean": float(model.rollout_buffer.rewards.sum() / episodes),
-                       "wall_time_s": round(time.perf_counter() - start, 3)}
-                folder.append_log([row], f"{state} holds the last finished budget")
-                bar.update(row["images_seen"] - bar.n)
-            save_training_state(model, state)
-            folder.write_atomic(snap, model.policy.diffusion.lora_file_bytes(), "LoRA snapshot", f"{state} is written")
-        bar.close()
+        """Train one run of `algo` through every budget, keeping a LoRA snapshot at each (resumable)."""
+        learner(algo).train(self, task, seed, self.run_dir(task, algo, seed))
 
     def rl_rows(self, task: Task) -> list[dict]:
         from diffenv.models import load_tuned_backend
@@ -411,17 +326,6 @@ class Comparison:
             tracker.log_text("results", (self.out / "results.md").read_text())
         finally:
             tracker.close()
-
-
-@contextmanager
-def locked(run: Path):
-    """The run folder `run`, locked (`agents.runfolder.RunFolder.lock`) while the block writes to it."""
-    folder = RunFolder(run)
-    folder.lock()
-    try:
-        yield folder
-    finally:
-        folder.release()
 
 
 def run_row(task: Task, algo: str, seed: int, entry: str, kind: str, images: int, train_log: list[dict], flag: str,
