@@ -220,8 +220,6 @@ class Trainer:
         self.images_seen += n_images
         self.nfe_total += n_images * self.policy.num_steps * self.env.nfe_per_step
         self.wall_time += elapsed
-        if "loss_policy" in means:
-            means["policy_loss"] = means["loss_policy"]  # log.csv's column from before the loss_* terms
         row = {"epoch": self.epoch, "images_seen": self.images_seen, "reward_mean": means.pop("reward_mean"),
                "reward_std": means.pop("reward_std"), "kl_to_base": means.pop("kl_to_base"),
                "nfe_total": self.nfe_total, "wall_time_s": round(self.wall_time, 3)}
@@ -487,18 +485,4 @@ def _png(picture) -> bytes:
     return buf.getvalue()
 
 
-def config_field_docs(cls) -> dict[str, str]:
-    """Field → one-line docstring of a config dataclass (for `--help` listings)."""
-    import ast
-    import inspect
-
-    docs, src = {}, ast.parse(inspect.getsource(cls))
-    body = src.body[0].body
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = str(b.value.value)
-    return docs
-
-
-__all__ = ["CHECKPOINT", "LOG", "LORA", "PHASES", "PROBE_LORA", "RunError", "TrainConfig", "Trainer",
-           "config_field_docs"]
+__all__ = ["CHECKPOINT", "LOG", "LORA", "PHASES", "PROBE_LORA", "RunError", "TrainConfig", "Trainer"]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from diffenv.samplers import FAMILY_SAMPLERS
 from diffenv.tasks import TASK_REWARD, resolve_reward
 from diffenv.validation import DEVICE, SEED, bounds, checked, validate_fields
 
@@ -15,7 +16,6 @@ ActionMode = Literal["noise", "latent", "initial_noise", "trajectory"]
 ACTION_MODES = typing.get_args(ActionMode)
 ONE_STEP_MODES = ("initial_noise", "trajectory")
 DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "flow_sde"}
-FAMILY_SAMPLERS = {"ddpm": ("ddpm", "ddim", "ode"), "flow": ("flow_sde", "ode")}
 #: default half-width b of the noise / initial-noise action box [−b, b]: finite (SB3 needs bounds) and far in
 #: the Gaussian tail, P(|ε_i| > 8) = erfc(8/√2) ≈ 1.2e-15 per coordinate (the table in `diffenv.env`)
 NOISE_ACTION_BOUND = 8.0

@@ -120,7 +120,7 @@ def test_one_host_sync_per_optimizer_step(tmp_path, algo):
     assert sum(per_step.values()) == 1, per_step  # `_check_update`'s NaN/inf test of loss and gradient norm
     if algo != "ddpo":  # (DDPO's per-condition statistics are host-side by design)
         assert once.ops["tolist"] <= 2, once.ops  # the diagnostics' one read, and the weights' NaN/inf check
-    assert {"loss", "loss_policy", "policy_loss", "grad_norm", "kl_to_base"} <= row.keys()
+    assert {"loss", "loss_policy", "grad_norm", "kl_to_base"} <= row.keys() and "policy_loss" not in row
 
 
 def torchrun_worker(out: Path, ranks: int, *args: str) -> subprocess.CompletedProcess:

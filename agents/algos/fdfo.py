@@ -82,10 +82,6 @@ class FDFO(Algorithm):
 
     def __init__(self, policy, cfg: FDFOConfig, dist=None):
         super().__init__(policy, cfg, dist)
-        if cfg.group_size < 2:
-            raise ValueError(f"FDFO needs pairs: group_size must be >= 2 (the paper uses 2), got {cfg.group_size}")
-        if not cfg.spo_eps > 0:
-            raise ValueError(f"spo_eps must be > 0, got {cfg.spo_eps}")
         self.x0_sign = x0_sign(policy.backend.prediction_type)
 
     @torch.no_grad()

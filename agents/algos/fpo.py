@@ -87,8 +87,6 @@ class FPO(Algorithm):
 
     def __init__(self, policy, cfg: FPOConfig, dist=None):
         super().__init__(policy, cfg, dist)
-        if cfg.n_mc < 1:
-            raise ValueError(f"n_mc must be >= 1, got {cfg.n_mc}")
         self.process = ForwardProcess.of(policy.backend)
         self.generator = torch.Generator(device=policy.device)
         self.generator.manual_seed(self.dist.stream_seed(cfg.seed, "algorithm"))

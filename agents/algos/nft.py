@@ -64,7 +64,7 @@ class NFTConfig(AlgoConfig):
     """(t, ε) forward-process draws per sample"""
     kl_coef: float = field(default=0.0, metadata=bounds(ge=0))
     """λ of ‖v_θ − v_ref‖² (0 disables the reference forward)"""
-    ema_decay: float = field(default=0.5, metadata=bounds(ge=0, le=1))
+    ema_decay: float = field(default=0.5, metadata=bounds(ge=0, lt=1))
     """final EMA decay of the old policy (0: old = current)"""
     ema_ramp: float = field(default=0.001, metadata=bounds(ge=0))
     """old-policy decay after n optimizer steps is min(ema_ramp · n, ema_decay)"""
@@ -97,10 +97,6 @@ class DiffusionNFT(Algorithm):
 
     def __init__(self, policy, cfg: NFTConfig, dist=None):
         super().__init__(policy, cfg, dist)
-        if not cfg.beta > 0:
-            raise ValueError(f"beta must be > 0, got {cfg.beta}")
-        if not 0 <= cfg.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
         self.process = ForwardProcess.of(policy.backend)
         self.generator = torch.Generator(device=policy.device)
         self.generator.manual_seed(self.dist.stream_seed(cfg.seed, "algorithm"))

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from agents.algos import ALGORITHMS
 from agents.benchmark import timing
 from agents.benchmark.curves import probe_curve, select_checkpoint
-from agents.benchmark.evaluation import (EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics, eval_best_of_n, eval_model,
-                                         eval_probe, task_protocol)
+from agents.benchmark.evaluation import (CANDIDATE_SEED_STRIDE, EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics,
+                                         eval_best_of_n, eval_model, eval_probe, task_protocol)
 from agents.benchmark.learners import SB3_STATE, learner, learner_names  # noqa: F401  (SB3_STATE: tests)
 from agents.benchmark.report import BASE_ENTRY, read_log, write_outputs
 from agents.tracking import TrackerSpec
@@ -105,7 +105,7 @@ class Task:
             return set(range(start, start + math.ceil(n / min(batch, n))))
 
         probe = seeds(PROBE_SEED, self.probe_images, PROBE_BATCH)
-        starts = [self.eval_seed] + [self.eval_seed + 10_000 * j for j in range(1, max(self.best_of_n, default=0) + 1)]
+        starts = [self.eval_seed + CANDIDATE_SEED_STRIDE * j for j in range(max(self.best_of_n, default=0) + 1)]
         shared = sorted(probe & set().union(*(seeds(s, self.eval_images, EVAL_BATCH) for s in starts)))
         if shared:
             raise ValueError(f"eval_seed={self.eval_seed}: the test set's noise seeds include {shared}, which the "

@@ -27,6 +27,8 @@ def entry_metrics(result, task) -> dict[str, float]:
 
 #: the test set's batch size: batch j of the eval set (and of each best-of-N candidate set) uses seed start + j
 EVAL_BATCH = 250
+#: best-of-N candidate set j (1, 2, …) starts at seed eval_seed + j · CANDIDATE_SEED_STRIDE
+CANDIDATE_SEED_STRIDE = 10_000
 
 
 def eval_model(task, model, guidance_scale: float = 1.0):
@@ -53,7 +55,7 @@ def eval_best_of_n(task, n_candidates: int):
     cond = balanced_conditions(task.eval_images, env.condition_set.tolist())  # as every other entry
     generate(min(EVAL_BATCH, task.eval_images), env=env, seed=task.eval_seed)  # warm-up, untimed
     start = time.perf_counter()
-    runs = [generate(task.eval_images, env=env, seed=task.eval_seed + 10_000 * (j + 1), conditions=cond)
+    runs = [generate(task.eval_images, env=env, seed=task.eval_seed + CANDIDATE_SEED_STRIDE * (j + 1), conditions=cond)
             for j in range(n_candidates)]
     scores = torch.stack([r.rewards for r in runs])  # [N, n]
     best = scores.argmax(0)

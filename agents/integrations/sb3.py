@@ -51,7 +51,7 @@ __all__ = [
 def _action_bound(kwargs: dict[str, Any]) -> float:
     mode = kwargs.get("action_mode", "noise")
     bound = kwargs.pop("action_bound", None)
-    bound = DEFAULT_ACTION_BOUND.get(mode, 3.0) if bound is None else bound
+    bound = DEFAULT_ACTION_BOUND.get(mode, DEFAULT_ACTION_BOUND["noise"]) if bound is None else bound
     if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
         raise ValueError(f"SB3 needs a finite action box: action_bound must be a number in (0, inf), got {bound!r}")
     return float(bound)
