@@ -104,3 +104,17 @@ def test_readme_inline_command_runs(tmp_path, monkeypatch, command):
 def test_readme_python_block_runs(tmp_path, monkeypatch, code):
     monkeypatch.chdir(workdir(tmp_path))
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_layout_table_matches_the_tree():
+    """Every folder the layout table lists exists, and every package folder and top-level folder is listed."""
+    table = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([\w/]+/)` \|", table, flags=re.M))
+    assert listed, table
+    for folder in listed:
+        assert (ROOT / folder).is_dir(), folder
+    tracked = {p.name + "/" for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name not in ("runs", "build", "dist") and not p.name.endswith(".egg-info")}
+    subpackages = {f"{p.parent.relative_to(ROOT)}/" for p in ROOT.glob("*/*/__init__.py")}
+    assert tracked <= listed, tracked - listed
+    assert {s for s in subpackages if not s.startswith("tests/")} <= listed, subpackages - listed
