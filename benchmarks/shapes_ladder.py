@@ -5,7 +5,7 @@ measure each one's guidance regime, to pick a model where CFG is needed (target:
     python benchmarks/shapes_ladder.py --device cuda --jobs 7 --out runs/ladder      # all candidates, in parallel
     python benchmarks/shapes_ladder.py --only w64-s1500 --threads 2                  # one, on the CPU (slow)
 
-Each candidate runs `python -m diffenv.models.train_shapes --stage unet` (seed 0, its own work folder with a copy
+Each candidate runs `python -m retrain.train_shapes --stage unet` (seed 0, its own work folder with a copy
 of the packaged VAE) and then `benchmarks/shapes_regime.py` on the folder it wrote (1,000 images per weight, 20
 steps, seed 7). Rows land in `OUT/<name>.json` as they are measured; the table printed at the end reads
 those files, so a run cut short still reports what it finished.
@@ -33,7 +33,7 @@ CANDIDATES = {
     "w32-s1500": ["--unet-steps", "1500", "--unet-channels", "32", "64"],
     "w32-s2500": ["--unet-steps", "2500", "--unet-channels", "32", "64"],
     "w32-s4500": ["--unet-steps", "4500", "--unet-channels", "32", "64"],
-    # captions replaced by random training prompts with probability cn (diffenv.models.train_shapes.noisy_captions)
+    # captions replaced by random training prompts with probability cn (retrain.train_shapes.noisy_captions)
     "w64-s3000-cn0.3": ["--unet-steps", "3000", "--caption-noise", "0.3"],
     "w64-s4000-cn0.3": ["--unet-steps", "4000", "--caption-noise", "0.3"],
     "w64-s3000-cn0.5": ["--unet-steps", "3000", "--caption-noise", "0.5"],
@@ -44,7 +44,7 @@ WEIGHTS = ["1", "1.5", "2", "3", "4", "5", "7.5"]
 
 def command(name: str, a) -> str:
     work = a.work / name
-    train = [sys.executable, "-m", "diffenv.models.train_shapes", "--stage", "unet", "--work", str(work),
+    train = [sys.executable, "-m", "retrain.train_shapes", "--stage", "unet", "--work", str(work),
              "--out", str(work / "pipe"), "--device", a.device, "--threads", str(a.threads), *CANDIDATES[name]]
     regime = [sys.executable, "benchmarks/shapes_regime.py", "--path", str(work / "pipe"), "--device", a.device,
               "--threads", str(a.threads), "--n", str(a.n), "--weights", *WEIGHTS, "--json",

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--lora", default=None, help="a trainer LoRA, merged into the UNet (same protocol, same noise)")
     p.add_argument("--path", type=Path, default=None,
-                   help="a pipeline folder written by `python -m diffenv.models.train_shapes --out` (default: the "
+                   help="a pipeline folder written by `python -m retrain.train_shapes --out` (default: the "
                         "packaged one)")
     p.add_argument("--device", default="cpu", help="torch device of sampling (the judge runs on the CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")

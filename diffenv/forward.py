@@ -75,7 +75,7 @@ class ForwardProcess:
     | flow   | x_t = (1 − t) x0 + t ε, t = u          | T · t            | ε − x0                              |
     | ddpm   | x_τ = √ᾱ_τ x0 + √(1−ᾱ_τ) ε, τ = ⌊u T⌋  | τ                | ε; √ᾱ ε − √(1−ᾱ) x0 (v-pred); x0    |
 
-    These are the distributions the models were trained on (`diffenv.models.train_digits`). Pure maths: the
+    These are the distributions the models were trained on (`retrain.train_digits`). Pure maths: the
     network call at these timesteps is the policy's (`agents.policy.DiffusionPolicy.predict`).
     """
 

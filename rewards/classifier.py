@@ -12,7 +12,7 @@ The judge has a different architecture and its own training run (same train spli
 seed stream), so an agent that exploits the reward CNN's blind spots is not also graded by it
 (docs/design.md §6). Probabilities are temperature-scaled on a calibration slice of the train split, so
 `log_prob` is a calibrated log-likelihood. Weights ship as safetensors in `rewards/weights/` and are
-rebuilt by `python -m rewards.train_classifiers`.
+rebuilt by `python -m retrain.train_classifiers`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IMAGE_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 MODES = ("prob", "log_prob", "correct")
-REGENERATE = "python -m rewards.train_classifiers --out rewards/weights"
+REGENERATE = "python -m retrain.train_classifiers --out rewards/weights"
 
 
 class DigitCNN(nn.Module):

@@ -17,7 +17,7 @@ satisfy both the stroke-direction model and the template matcher), divided by a 
 calibration slice of the train split; accuracy, NLL and ECE before/after calibration on the rest of the train
 split are in `rewards/weights/digit_judge_indep_metrics.json` (docs/design.md §6). Everything is deterministic
 (no dropout, fixed buffers); weights ship as safetensors + json and are rebuilt by
-`python -m rewards.train_independent_judge`.
+`python -m retrain.train_independent_judge`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ correlation, the number to look at before trusting the reward::
 | `"clip:PATH"` | unit-norm CLIP image embedding (`rewards.clip.CLIPEncoder`) | CLIP projection dim |
 
 Saved as safetensors (head weights + feature/score statistics) plus a JSON config (features, image
-shape, head layout, the fit report). `python -m rewards.ratings_demo` runs the whole loop on digits
+shape, head layout, the fit report). `python -m retrain.ratings_demo` runs the whole loop on digits
 with a synthetic rater.
 """
 
@@ -112,7 +112,7 @@ def load_ratings(path: str | os.PathLike, differentiable: bool = False) -> Ratin
     head, tensors, config = load_head(path)
     if config.get("kind") != "ratings":
         raise ValueError(f"{path} is not a ratings reward (its JSON config has kind={config.get('kind')!r}); "
-                         f"write one with RatingsReward.save or `python -m rewards.ratings_demo`")
+                         f"write one with RatingsReward.save or `python -m retrain.ratings_demo`")
     features = Features(config["features"], tuple(config["image_shape"]))
     return RatingsReward(features, head, tensors, config.get("report"), differentiable=differentiable)
 

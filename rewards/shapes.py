@@ -1,6 +1,6 @@
 """Rewards of the shapes task: `shapes_verifier` (the training reward) and `shapes_judge` (evaluation only).
 
-Both are scene readers trained in the repo (`python -m rewards.train_shapes_rewards`) on rendered images of
+Both are scene readers trained in the repo (`python -m retrain.train_shapes_rewards`) on rendered images of
 `rewards.shapes_task`: centre-grid detectors that say, for every cell of a grid, which of the 18 objects (colour,
 shape) has its box centre there and where. From that they read P(count_k = n) for each object (n = 0…3, exact
 over the cells) and each object's centre in px. A prompt is then scored from the scene:
@@ -169,7 +169,7 @@ class ShapesSceneReward(Reward):
         file = Path(path) if path is not None else WEIGHTS_DIR / f"{name}.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"reward {name!r}: {file} is missing; train it with "
-                                    f"`python -m rewards.train_shapes_rewards`")
+                                    f"`python -m retrain.train_shapes_rewards`")
         meta_file = file.with_suffix(".json")
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         self.net = ARCHS[name](**meta.get("arch", {}))

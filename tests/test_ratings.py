@@ -8,7 +8,7 @@ import torch
 
 import rewards
 from rewards.ratings import fit_ratings, load_ratings, load_ratings_csv, spearman
-from rewards.ratings_demo import synthetic_rating, write_ratings_csv
+from retrain.ratings_demo import synthetic_rating, write_ratings_csv
 
 #: the held-out Spearman a fitted reward must reach against the noisy synthetic ratings (noise 0.25 caps
 #: it near 0.95; a reward that had not recovered the function would sit far below)

@@ -140,7 +140,7 @@ def test_classifier_rejects_bad_shapes_and_conditions(classifier):
 
 
 def test_missing_weights_say_how_to_regenerate(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m rewards.train_classifiers"):
+    with pytest.raises(FileNotFoundError, match="python -m retrain.train_classifiers"):
         rewards.make("digit_judge", weights_dir=tmp_path)
 
 

@@ -118,7 +118,7 @@ def test_briefly_tuned_lora_exports_to_diffusers(backend, tmp_path):
 @pytest.mark.parametrize("name", ["shapes_verifier", "shapes_judge"])
 def test_rewards_read_rendered_images(name):
     """Exact prompt satisfaction on a fresh rendered set (positives) and rejection of hard negatives."""
-    from rewards.train_shapes_rewards import hard_negative
+    from retrain.train_shapes_rewards import hard_negative
 
     reader = rewards.make(name)
     rng = np.random.default_rng(123)
@@ -158,7 +158,7 @@ def test_sample_command_writes_prompts_and_a_captioned_grid(tmp_path, capsys):
 def test_caption_noise_replaces_the_stated_share_with_training_prompts():
     """`train_shapes --caption-noise q`: each caption is swapped for a random *training* prompt with probability q
     (binomial share within 5 σ), reproducibly; images are untouched (the function only sees captions)."""
-    from diffenv.models.train_shapes import noisy_captions
+    from retrain.train_shapes import noisy_captions
 
     prompts = task.sample_prompts(20_000, np.random.default_rng(0))
     out = noisy_captions(prompts, 0.15, np.random.default_rng(1))

@@ -2,7 +2,7 @@
 
 `digits-eps` predicts ε on a cosine DDPM schedule (the SD1.x family in miniature); `digits-flow`
 predicts the rectified-flow velocity `v = ε − x0` (the SD3/Flux family in miniature). Both were
-trained by `python -m diffenv.models.train_digits` on scikit-learn's digits (train split) with 10 %
+trained by `python -m retrain.train_digits` on scikit-learn's digits (train split) with 10 %
 label dropout to the null class 10, so classifier-free guidance works. Pixel space: decode is the
 map from [-1, 1] to [0, 1].
 """
@@ -35,7 +35,7 @@ class EmbeddedDigitsBackend(DiffusionBackend):
         if not meta_file.is_file():
             raise FileNotFoundError(
                 f"embedded model {name!r}: {meta_file} is missing; regenerate it with "
-                f"`python -m diffenv.models.train_digits --model {name}`"
+                f"`python -m retrain.train_digits --model {name}`"
             )
         meta = json.loads(meta_file.read_text())
         self.name = name

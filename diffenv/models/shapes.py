@@ -1,5 +1,5 @@
 """The embedded `shapes` model: a real `StableDiffusionPipeline` (32×32, VAE + CLIP text encoder + cross-attention
-UNet) trained in this repo on the shapes task (`rewards.shapes_task`, `python -m diffenv.models.train_shapes`).
+UNet) trained in this repo on the shapes task (`rewards.shapes_task`, `python -m retrain.train_shapes`).
 
 `load_backend("shapes")` is the packaged pipeline folder behind the ordinary `sd:` backend: the condition set is
 the folder's `prompts.txt` (the 1,155 training prompts, then the 276 held-out ones, as the `train` and
@@ -30,7 +30,7 @@ def load_shapes_backend(name: str = "shapes", device: str | torch.device = "cpu"
     folder = Path(path) if path is not None else SHAPES_DIR
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"embedded model {name!r}: {folder / 'model_index.json'} is missing; train it with "
-                                f"`python -m diffenv.models.train_shapes`")
+                                f"`python -m retrain.train_shapes`")
     if "prompts" in backend_kwargs:
         raise ValueError(f"model {name!r} has a fixed prompt set ({folder / 'prompts.txt'}); select prompts with "
                          f"conditions= (ids or the split names 'train' / 'heldout'), or load 'sd:{folder}' with "

@@ -1,8 +1,8 @@
 """Train the embedded `shapes` model: a real diffusers `StableDiffusionPipeline` at 32×32 (seeded, CPU).
 
-    python -m diffenv.models.train_shapes --stage vae     # AutoencoderKL, 32×32×3 -> 8×8×4
-    python -m diffenv.models.train_shapes --stage unet    # CLIP text encoder + cross-attention UNet, jointly
-    python -m diffenv.models.train_shapes                 # both, then writes the pipeline folder
+    python -m retrain.train_shapes --stage vae     # AutoencoderKL, 32×32×3 -> 8×8×4
+    python -m retrain.train_shapes --stage unet    # CLIP text encoder + cross-attention UNet, jointly
+    python -m retrain.train_shapes                 # both, then writes the pipeline folder
 
 Data are rendered on the fly by `rewards.shapes_task` from the *training* prompt split only (the held-out
 binding/relation prompts are never seen), prompts drawn uniformly over the four prompt kinds. The defaults are the
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffenv.models.shapes import SHAPES_DIR
 from rewards import shapes_task as task
 
-WEIGHTS = Path(__file__).parent / "weights" / "shapes"
+WEIGHTS = SHAPES_DIR  # the shipped pipeline folder, diffenv/models/weights/shapes
 WORK = Path("runs/train_shapes")
 MAX_TOKENS = 10  # BOS + the longest prompt's 8 words + EOS
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

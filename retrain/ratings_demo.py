@@ -1,4 +1,4 @@
-"""Demo of rewards from scalar ratings, on digits, with a **synthetic** rater: `python -m rewards.ratings_demo`.
+"""Demo of rewards from scalar ratings, on digits, with a **synthetic** rater: `python -m retrain.ratings_demo`.
 
 No human rated anything here. The "rater" is a known function, so we can check that the fitted reward
 recovers it:

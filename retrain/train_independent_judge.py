@@ -1,4 +1,4 @@
-"""Train the independent digits judge: `python -m rewards.train_independent_judge [--out DIR] [--seed 0]`.
+"""Train the independent digits judge: `python -m retrain.train_independent_judge [--out DIR] [--seed 0]`.
 
 `digit_judge_indep` (rewards/independent_judge.py) learns from the *test* split of `diffenv.data` only (360
 digits the reward, `digit_judge` and the diffusion models never saw), under strong augmentations unlike the
@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from rewards.classifier import WEIGHTS_DIR
 from rewards.independent_judge import NAME, IndependentDigitJudge, gaussian_blur
-from rewards.train_classifiers import evaluate, fit, fit_temperature, save
+from retrain.train_classifiers import evaluate, fit, fit_temperature, save
 
 SPEC = {"architecture": "IndependentDigitJudge", "kwargs": {"hidden": [128, 64], "n_prototypes": 2160,
                                                             "blur_sigma": 0.8}}

@@ -1,7 +1,7 @@
 """Train the shapes task's scene readers: `shapes_verifier` (reward) and `shapes_judge` (evaluation only).
 
-    python -m rewards.train_shapes_rewards                       # both, seed 0 (verifier) / 1 (judge)
-    python -m rewards.train_shapes_rewards --vae runs/train_shapes/vae
+    python -m retrain.train_shapes_rewards                       # both, seed 0 (verifier) / 1 (judge)
+    python -m retrain.train_shapes_rewards --vae runs/train_shapes/vae
 
 Data: rendered images (`rewards.shapes_task`) of prompts drawn uniformly over the four kinds, plus 20 %
 random scenes of 0–4 arbitrary objects (so images that match no prompt are read correctly too). Targets: for

@@ -1,7 +1,7 @@
 """Train the embedded class-conditional digits models (seeded, CPU; wall time: README, Embedded models).
 
-    python -m diffenv.models.train_digits --model digits-eps
-    python -m diffenv.models.train_digits --model digits-flow
+    python -m retrain.train_digits --model digits-eps
+    python -m retrain.train_digits --model digits-flow
 
 Both are diffusers `UNet2DModel`s (~0.7 M parameters) on scikit-learn's 8×8 digits, *train split
 only*, pixels in [-1, 1]. Labels are dropped to the null class (id 10) with probability

@@ -1,4 +1,4 @@
-"""Train the shipped digit reward model and judge: `python -m rewards.train_classifiers [--out DIR] [--seed 0]`.
+"""Train the shipped digit reward model and judge: `python -m retrain.train_classifiers [--out DIR] [--seed 0]`.
 
 Both networks train on the *train* split of `diffenv.data` (90 % for fitting, 10 % held back to fit a
 softmax temperature), with light augmentation (±1-pixel shifts, small Gaussian pixel noise) so they
