@@ -342,9 +342,10 @@ class Trainer:
                 "result": result}
 
     def probe(self) -> dict[str, float]:
-        """Reward, and where the model's task has them (`diffenv.metrics.task_metrics`: digits, shapes) the held-out
+        """Reward, and where the model's task has them (`diffenv.tasks.task_metrics`: digits, shapes) the held-out
         judge and diversity, on the fixed probe set."""
-        from diffenv.metrics import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED, task_metrics
+        from diffenv.metrics import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED
+        from diffenv.tasks import task_metrics
 
         result = self.evaluate(self.cfg.probe_images, seed=PROBE_SEED, batch_size=PROBE_BATCH,
                                condition_repeats=PROBE_REPEATS)["result"]

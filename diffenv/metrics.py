@@ -13,8 +13,8 @@ For a set of generated images with their conditions:
   1,437 train-split digits (real digits it never trained on);
 - `nfe_per_image`, `seconds_per_image` from the sampler.
 
-A task protocol (`TaskProtocol`, chosen by `task_protocol(model_name)`: digits, shapes) names a task's metrics and
-how the report ranks and draws them; `PROTOCOLS` holds them by the task's name (`diffenv.tasks`), and
+A task protocol (`TaskProtocol`: digits, shapes) names a task's metrics and how the report ranks and draws them;
+each `diffenv.tasks.Task` holds its own (`Task.protocol`, found by `diffenv.tasks.task_protocol(model_name)`), and
 `PROBE_SEED`/`PROBE_BATCH`/`PROBE_REPEATS` fix the validation probe set. `agents.benchmark.evaluation` evaluates
 one comparison entry with them.
 """
@@ -28,7 +28,6 @@ from functools import lru_cache
 import torch
 
 import rewards
-from diffenv.tasks import task_for_model
 
 
 @lru_cache(maxsize=1)
@@ -198,22 +197,6 @@ SHAPES = TaskProtocol("shapes", shapes_metrics,
                       diversity="within_prompt_distance",
                       diversity_label="within-prompt distance (higher = more diverse)",
                       diversity_lower_is_better=False, captions=True)
-
-
-#: each task's protocol, by the task's name (`diffenv.tasks`); a registered task of your own may add one here
-PROTOCOLS: dict[str, TaskProtocol] = {"digits": DIGITS, "shapes": SHAPES}
-
-
-def task_protocol(model_name: str) -> TaskProtocol | None:
-    """The evaluation protocol of a model's task, or None for a model without one (e.g. your own `sd:` model)."""
-    task = task_for_model(model_name)
-    return PROTOCOLS.get(task.name) if task is not None else None
-
-
-def task_metrics(model_name: str):
-    """The image metrics of a model's task (`fn(images, conditions) -> dict`), or None for a model without one."""
-    protocol = task_protocol(model_name)
-    return protocol.metrics if protocol is not None else None
 
 
 #: the validation probe set (docs/design.md §6): the trainer's probes and compare's CFG reference points on it;

@@ -2,8 +2,8 @@
 
 A task names the models it is defined on, the reward a run of those models gets when none is given, the held-out
 judge that scores it (never a training reward), the condition split it is evaluated on, and whether its images are
-captioned with their prompts. The benchmark's metrics and report rules for a task live in
-`diffenv.metrics.TaskProtocol`, in `diffenv.metrics.PROTOCOLS` by the task's name.
+captioned with their prompts, and its benchmark protocol (`diffenv.metrics.TaskProtocol`: the metrics of its images,
+the diversity measure and frontier axes the report ranks and draws by; the probe set is `diffenv.metrics.PROBE_*`).
 
 | task | models | default reward | judge | eval conditions |
 |---|---|---|---|---|
@@ -19,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from diffenv.metrics import DIGITS as DIGITS_PROTOCOL
+from diffenv.metrics import SHAPES as SHAPES_PROTOCOL
+from diffenv.metrics import TaskProtocol
 from rewards.registry import Registry
 
 #: the `reward` default of the env, `train` and `compare`: the model's task's default reward (`Task.reward`)
@@ -39,6 +42,8 @@ class Task:
     """condition split the task is evaluated on (None: the model's default set)"""
     captions: bool = False
     """image grids show each image's prompt"""
+    protocol: TaskProtocol | None = None
+    """the benchmark's metrics and report rules (None: runs are scored and reported by their reward alone)"""
 
 
 #: name -> Task; `register_task` adds one, or the entry-point group `diffusion_steer.tasks` (docs/extending.md)
@@ -78,6 +83,18 @@ def task_for_model(model: Any) -> Task | None:
     return next((t for t in TASKS.values() if name in t.models), None)
 
 
+def task_protocol(model: Any) -> TaskProtocol | None:
+    """The benchmark protocol of a model's task, or None for a model without one (e.g. your own `sd:` model)."""
+    task = task_for_model(model)
+    return task.protocol if task is not None else None
+
+
+def task_metrics(model: Any):
+    """The image metrics of a model's task (`fn(images, conditions) -> dict`), or None for a model without one."""
+    protocol = task_protocol(model)
+    return protocol.metrics if protocol is not None else None
+
+
 def resolve_reward(reward: Any, model: Any) -> Any:
     """`reward`, with `TASK_REWARD` replaced by the model's task's default reward; a model without a task is an
     error naming the fix, raised before anything is sampled."""
@@ -96,6 +113,6 @@ def resolve_reward(reward: Any, model: Any) -> Any:
 
 
 DIGITS = register_task(Task("digits", models=("digits-eps", "digits-flow"), reward="digit_classifier",
-                            judge="digit_judge"))
+                            judge="digit_judge", protocol=DIGITS_PROTOCOL))
 SHAPES = register_task(Task("shapes", models=("shapes",), reward="shapes_verifier", judge="shapes_judge",
-                            eval_conditions="eval", captions=True))
+                            eval_conditions="eval", captions=True, protocol=SHAPES_PROTOCOL))

@@ -8,9 +8,10 @@ import time
 import torch
 
 from diffenv import DiffusionSteerVectorEnv
-from diffenv.metrics import (DIGITS, PROBE_BATCH, PROBE_REPEATS, PROBE_SEED, PROTOCOLS, SHAPES,  # noqa: F401
-                             TaskProtocol, frechet_distance, gaussian_stats, image_metrics, indep_metrics,
-                             shapes_metrics, task_metrics, task_protocol, within_prompt_distance)
+from diffenv.metrics import (DIGITS, PROBE_BATCH, PROBE_REPEATS, PROBE_SEED, SHAPES, TaskProtocol,  # noqa: F401
+                             frechet_distance, gaussian_stats, image_metrics, indep_metrics, shapes_metrics,
+                             within_prompt_distance)
+from diffenv.tasks import task_metrics, task_protocol  # noqa: F401
 from diffenv.sampling import GenerationResult, balanced_conditions, generate
 
 
