@@ -153,3 +153,26 @@ def test_gpu_check_runs_every_check_on_tiny_sizes_on_the_cpu(tmp_path):
 def test_gpu_check_without_cuda_says_so_and_exits_0():
     proc = _run_gpu_check(timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+@pytest.mark.usefixtures("one_thread")  # both sides on one thread: the same reductions, the same bits
+def test_eval_loras_scores_a_lora_as_compare_does(tmp_path):
+    """benchmarks/eval_loras.py on a run compare trained gives compare's own cached row for that LoRA."""
+    import json
+
+    from agents.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[task]]\nname = "t"\nmodel = "digits-flow"\nnum_steps = 2\ncfg_scales = [1.0]\nbest_of_n = [2]\n'
+                   'algos = ["grpo"]\nbudgets = [8]\nseeds = [0]\neval_images = 16\nprobe_every = 0\n'
+                   '[task.algo_overrides.grpo]\nimages_per_epoch = 8\ngroup_size = 4\nminibatch_size = 8\n')
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cmp"), "--no-progress"]) == 0
+    lora = tmp_path / "cmp" / "runs" / "t" / "grpo" / "seed0" / "lora_8.safetensors"
+    out = tmp_path / "scores.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_loras.py"), "--config", str(cfg),
+                           "--out", str(out), "--threads", "1", str(lora)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())[str(lora)]
+    cached = json.loads((tmp_path / "cmp" / "cache" / "t__grpo__s0__b8.json").read_text())
+    for key in ("reward_mean", "judge_accuracy", "fd", "class_variance"):
+        assert row[key] == cached[key], key
