@@ -30,6 +30,7 @@ import rewards
 from agents.trainer import TrainConfig
 from diffenv import ab
 from diffenv import cli as sample_cli
+from diffenv.quiet import quiet_third_party
 from diffenv.cli import CommonOptions, ModelOptions, SampleOptions, condition_token, model_help, reward_help
 from diffenv.config import EnvConfig
 from diffenv.validation import field_docs, field_specs, flag_type, parse_assignments
@@ -273,7 +274,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- running a command
 def run(a: argparse.Namespace) -> int:
     """Run a parsed subcommand; user errors become one clear line on stderr and exit code 2."""
-    sample_cli.quiet_third_party()
+    quiet_third_party()  # again: `import diffenv` installed them, but a host (pytest) may reset warning filters
     if a.threads:
         import torch
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from agents.benchmark.evaluation import shapes_metrics
+from diffenv.metrics import shapes_metrics
 from diffenv.models import load_backend, load_tuned_backend
 from diffenv.sampling import generate
 

@@ -102,7 +102,8 @@ def cfg_reference(args) -> list[dict]:
     """The CFG points on the validation probe set (cached in OUT/cfg_reference.json)."""
     import torch
 
-    from agents.benchmark.evaluation import eval_probe, task_protocol
+    from agents.benchmark.evaluation import eval_probe
+    from diffenv.tasks import task_protocol
     import rewards
 
     path = args.out / "cfg_reference.json"
@@ -177,7 +178,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from agents.benchmark.curves import no_worse
-    from agents.benchmark.evaluation import task_protocol
+    from diffenv.tasks import task_protocol
     from agents.benchmark.report import rank_key
 
     protocol = task_protocol(args.model)

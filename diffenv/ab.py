@@ -133,7 +133,7 @@ def cmd_ab(a: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
 
     base, base_time = _sample(pipe, kind, prompts, a.seeds, a.guidance_scale, a)
-    _load_lora(pipe, a.lora)  # `diffenv.cli.quiet_third_party` drops diffusers' expected "no text-encoder keys"
+    _load_lora(pipe, a.lora)  # `diffenv.quiet` (installed by `import diffenv`) drops diffusers' expected "no text-encoder keys"
     pipe.fuse_lora()  # time the model as it would be deployed: no per-layer adapter overhead
     tuned, tuned_time = _sample(pipe, kind, prompts, a.seeds, 1.0, a)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from diffenv.paths import check_output_file
-from diffenv.quiet import quiet_third_party  # noqa: F401  (the CLI calls it; kept importable here)
 from diffenv.tasks import resolve_reward
 from diffenv.validation import bounds
 

@@ -54,8 +54,6 @@ def register_task(task: Task, *, overwrite: bool = False) -> Task:
     """Make `task` findable by name and by each of its models; a model may belong to one task only."""
     if not isinstance(task, Task):
         raise TypeError(f"register_task expects a diffenv.tasks.Task, got {type(task).__name__}")
-    if task.name in TASKS and not overwrite:
-        raise ValueError(f"task {task.name!r} is already registered; pass overwrite=True to replace it")
     taken = {m: t.name for t in TASKS.values() if t.name != task.name for m in t.models}
     clash = sorted(m for m in task.models if m in taken)
     if clash:

@@ -219,7 +219,7 @@ def test_known_third_party_noise_is_filtered_and_nothing_else(caplog):
     import logging
     import warnings
 
-    from diffenv.cli import quiet_third_party
+    from diffenv.quiet import quiet_third_party
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

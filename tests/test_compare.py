@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agents.benchmark.compare import load_tasks, overoptimisation_flag
-from agents.benchmark.evaluation import frechet_distance, gaussian_stats, image_metrics
+from diffenv.metrics import frechet_distance, gaussian_stats, image_metrics
 
 ROOT = Path(__file__).parents[1]
 #: the digits tasks of examples/compare.toml (the shapes task's 20-step RL runs are too slow for a smoke run)
@@ -186,7 +186,8 @@ def test_the_malicious_zip_runs_code_under_ppo_load(tmp_path):
 
 
 def test_compare_never_unpickles_a_run_folders_ppo_zip(tmp_path, monkeypatch):
-    from agents.benchmark.compare import SB3_STATE, Comparison
+    from agents.benchmark.compare import Comparison
+    from agents.benchmark.learners import SB3_STATE
 
     monkeypatch.setenv("SB3_LOGDIR", str(tmp_path / "sb3_default_log"))  # where SB3's default logger would write
 
@@ -225,7 +226,8 @@ def test_task_selection_and_the_shapes_task_config():
 def test_shapes_metrics_on_rendered_images():
     """The shapes protocol on rendered images: the judge finds them correct, per kind and split, and the
     within-prompt distance is 0 for copies and positive for different layouts."""
-    from agents.benchmark.evaluation import shapes_metrics, task_protocol
+    from diffenv.metrics import shapes_metrics
+    from diffenv.tasks import task_protocol
     from rewards import shapes_task as task
 
     prompts = task.model_prompts()

@@ -201,7 +201,7 @@ def test_probe_conditions_repeat_so_per_prompt_diversity_is_defined():
     """A probe of 200 images over the 1,155 `shapes` training prompts would give each prompt at most one image and a
     NaN within-prompt distance; the probe draws ≤ n // PROBE_REPEATS prompts (seeded) instead. Small sets (digits'
     10 classes) keep the plain balanced cycle."""
-    from agents.benchmark.evaluation import PROBE_REPEATS, PROBE_SEED
+    from diffenv.metrics import PROBE_REPEATS, PROBE_SEED
     from diffenv.sampling import balanced_conditions, repeated_conditions
 
     assert torch.equal(repeated_conditions(200, list(range(10)), PROBE_REPEATS, PROBE_SEED),
@@ -228,7 +228,7 @@ CFG_POINTS = [_agg("cfg w=1", "cfg", 0.90, 40.0, 3), _agg("cfg w=1.5", "cfg", 0.
 
 
 def test_dominance_needs_judge_and_diversity_against_every_cfg_point_above_one():
-    from agents.benchmark.evaluation import DIGITS
+    from diffenv.metrics import DIGITS
     from agents.benchmark.report import targets
 
     good = _agg("grpo selected", "selected", 0.95, 30.0, 3)
@@ -242,7 +242,7 @@ def test_dominance_needs_judge_and_diversity_against_every_cfg_point_above_one()
 
 
 def test_sample_efficiency_ratio_against_ddpo():
-    from agents.benchmark.evaluation import DIGITS
+    from diffenv.metrics import DIGITS
     from agents.benchmark.report import targets
 
     rows = CFG_POINTS + [_agg("grpo selected", "selected", 0.95, 30.0, 3)]

@@ -60,7 +60,7 @@ def test_calibration_metrics_are_stored():
 
 
 def test_indep_metrics_separate_real_digits_from_noise():
-    from agents.benchmark.evaluation import DIGITS, indep_metrics
+    from diffenv.metrics import DIGITS, indep_metrics
 
     x, y = load_digits_split("train")
     real = indep_metrics(to_unit(x[:500]), y[:500])

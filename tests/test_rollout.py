@@ -123,7 +123,7 @@ def test_phase_times_split_an_epoch(tmp_path):
 
 def test_probes_sample_at_eval_num_steps(tmp_path):
     """Rollouts at 2 steps, probes at 4: the probe is the 4-step sampler's reward of the trained LoRA."""
-    from agents.benchmark.evaluation import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED
+    from diffenv.metrics import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED
     from diffenv.sampling import generate
 
     cfg = _cfg(tmp_path, 16, train_fraction=1.0)

@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import diffenv  # noqa: F401  (registers the env)
-from agents.benchmark.evaluation import task_protocol
 from agents.trainer import TrainConfig
 from diffenv import DiffusionSteerVectorEnv
-from diffenv.tasks import TASK_REWARD, Task, get_task, register_task, resolve_reward, task_for_model
+from diffenv.tasks import TASK_REWARD, Task, get_task, register_task, resolve_reward, task_for_model, task_protocol
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

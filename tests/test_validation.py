@@ -128,7 +128,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, argv, message):
 
 def test_small_eval_sets_work_and_tiny_ones_are_refused():
     from agents.benchmark.compare import Task
-    from agents.benchmark.evaluation import image_metrics
+    from diffenv.metrics import image_metrics
 
     metrics = image_metrics(torch.rand(10, 1, 8, 8), torch.arange(10))  # one image per class: no class variance
     assert np.isnan(metrics["class_variance"]) and np.isfinite(metrics["fd"])

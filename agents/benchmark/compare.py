@@ -28,14 +28,15 @@ from tqdm.auto import tqdm
 from agents.algos import ALGORITHMS
 from agents.benchmark import timing
 from agents.benchmark.curves import probe_curve, select_checkpoint
-from agents.benchmark.evaluation import (CANDIDATE_SEED_STRIDE, EVAL_BATCH, PROBE_BATCH, PROBE_SEED, entry_metrics,
-                                         eval_best_of_n, eval_model, eval_probe, task_protocol)
-from agents.benchmark.learners import SB3_STATE, learner, learner_names  # noqa: F401  (SB3_STATE: tests)
+from agents.benchmark.evaluation import (CANDIDATE_SEED_STRIDE, EVAL_BATCH, entry_metrics, eval_best_of_n, eval_model,
+                                         eval_probe)
+from agents.benchmark.learners import learner, learner_names
 from agents.benchmark.report import BASE_ENTRY, read_log, write_outputs
 from agents.tracking import TrackerSpec
 from agents.trainer import check_budget
+from diffenv.metrics import PROBE_BATCH, PROBE_SEED
 from diffenv.paths import check_path, safe_name
-from diffenv.tasks import TASK_REWARD, resolve_reward
+from diffenv.tasks import TASK_REWARD, resolve_reward, task_protocol
 from diffenv.validation import SEED, bounds, validate_fields
 
 QUICK = dict(eval_images=100, budgets=[64], seeds=[0], cfg_scales=[1.0, 3.0], best_of_n=[2], probe_images=50)

@@ -8,10 +8,8 @@ import time
 import torch
 
 from diffenv import DiffusionSteerVectorEnv
-from diffenv.metrics import (DIGITS, PROBE_BATCH, PROBE_REPEATS, PROBE_SEED, SHAPES, TaskProtocol,  # noqa: F401
-                             frechet_distance, gaussian_stats, image_metrics, indep_metrics, shapes_metrics,
-                             within_prompt_distance)
-from diffenv.tasks import task_metrics, task_protocol  # noqa: F401
+from diffenv.metrics import PROBE_BATCH, PROBE_REPEATS, PROBE_SEED
+from diffenv.tasks import task_metrics
 from diffenv.sampling import GenerationResult, balanced_conditions, generate
 
 

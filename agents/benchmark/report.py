@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from agents.benchmark.curves import SeedSummary, images_to_reach, no_worse, probe_curve, summarise
-from agents.benchmark.evaluation import DIGITS, PROBE_SEED, SHAPES, TaskProtocol, eval_model, task_protocol
+from agents.benchmark.evaluation import eval_model
+from diffenv.metrics import DIGITS, PROBE_SEED, SHAPES, TaskProtocol
+from diffenv.tasks import task_protocol
 from diffenv.viz import FIGURE_DPI, FIGURE_INCHES
 
 #: the smallest font of the plots (pt): at FIGURE_INCHES wide shown at FIGURE_WIDTH px, 8 pt is 11 px
