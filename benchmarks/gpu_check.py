@@ -211,7 +211,7 @@ def quiet() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from diffenv.cli import quiet_third_party
+    from diffenv.quiet import quiet_third_party
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
