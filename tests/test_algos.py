@@ -10,6 +10,7 @@ What "ratio = 1 at θ_old" and "zero advantages ⇒ zero update" mean per algori
 | nft | loss = mean ‖x̂0_old − x0‖²/w_old/β, whatever r | r = ½: zero gradient at θ_old (v⁺, v⁻ cancel) |
 | fdfo | ρ = exp(−mean (v_θ − v*)² + mean d̃²) = 1 | ΔR = 0: the loss is identically 0 |
 | awm | per-draw ρ = exp(log p_θ − log p_old) = 1 (matching-loss ELBO) | Â = 0: zero gradient (kl_coef = 0) |
+| dgpo | no ratio: with π_ref = the rollout's weights the margin is 0 and the loss log 2 | ŵ = 0: zero gradient |
 
 GRPO's, FPO's and AWM's KL terms are a separate pull toward the base model: their gradient is zero only at the base.
 """
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 from agents.algos import ALGORITHMS, make_algorithm_config
+from agents.algos.dgpo import preference_weights
 from agents.losses import total_loss
 from agents.policy import DiffusionPolicy
 from agents.rollout import collect_rollout
@@ -94,6 +96,8 @@ def test_ratio_is_one_at_old_parameters(name, model):
     items = prepare(algo, rollout_of(policy, env))
     with torch.no_grad():
         out = algo.loss(items)
+    if name == "dgpo":
+        return check_dgpo_at_its_reference(model)
     if name == "nft":
         # no ratio: the loss equals the old model's adaptive-weighted x0 error, and does not depend on r
         res = algo.residual(items["old_outputs"], items)
@@ -164,6 +168,8 @@ def test_advantages_are_zero_mean_per_group(name, model):
     algo, policy, env = build(name, model)
     rollout = rollout_of(policy, env)
     items = prepare(algo, rollout)
+    if items.batch_dims == 2:  # dgpo: items are (group, draw) units of group_size rows
+        items = items.reshape(-1)
     rewards, conditions, gid = items["rewards"], items["conditions"], items["group_ids"]
     if name == "ddpo":  # per condition, in float64 (its buffer holds just this batch here), then cast
         adv = items["advantages"]
@@ -321,7 +327,8 @@ def endpoints_after_update(name, model, sign: float, steps: int = 3, lr: float =
 
 
 @pytest.mark.parametrize("name, model", [("fdfo", "digits-flow"), ("fdfo", "digits-eps"), ("nft", "digits-flow"),
-                                         ("nft", "digits-eps"), ("awm", "digits-flow"), ("awm", "digits-eps")])
+                                         ("nft", "digits-eps"), ("awm", "digits-flow"), ("awm", "digits-eps"),
+                                         ("dgpo", "digits-flow"), ("dgpo", "digits-eps")])
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["brighter", "darker"])
 def test_update_moves_samples_toward_higher_reward(name, model, sign):
     before, after = endpoints_after_update(name, model, sign)
@@ -339,8 +346,8 @@ def test_update_moves_samples_toward_higher_reward(name, model, sign):
 # --------------------------------------------------------------------------- exact resume of algorithm state
 @pytest.mark.parametrize("name, extra", [("fpo", {}), ("nft", {}),
                                          ("fdfo", {"kl_coef": 0.1, "kl_half_life": 16, "ref_guidance_scale": 2.0}),
-                                         ("awm", {}), ("grpo", {"train_fraction": 0.5})],
-                         ids=["fpo", "nft", "fdfo-decaying-cfg-anchor", "awm", "grpo-train_fraction"])
+                                         ("awm", {}), ("grpo", {"train_fraction": 0.5}), ("dgpo", {})],
+                         ids=["fpo", "nft", "fdfo-decaying-cfg-anchor", "awm", "grpo-train_fraction", "dgpo"])
 def test_resume_is_exact(tmp_path, name, extra):
     """Algorithm state, with train_fraction < 1 the subset draws (the trainer's checkpointed generator), and with
     kl_half_life the anchor weight of the resumed epoch (it follows the checkpointed images_seen)."""
@@ -378,6 +385,7 @@ LEARN = {
     "nft": {"lr": 1e-3, "minibatch_size": 32},
     "fdfo": {"lr": 1e-3, "minibatch_size": 48},
     "awm": {"lr": 1e-3, "minibatch_size": 32},
+    "dgpo": {"lr": 1e-3, "minibatch_size": 4, "noise_level": 0.7},  # the task's SDE rollouts (the ODE is at 0.998)
 }
 
 
@@ -411,3 +419,112 @@ def test_nft_collects_with_the_old_policy():
     algo.cfg.collect_with_old = False
     with algo.collect_context():
         assert all(torch.equal(p, c) for p, c in zip(algo.params, current))
+
+
+# --------------------------------------------------------------------------- DGPO (agents/algos/dgpo.py)
+def check_dgpo_at_its_reference(model):
+    """DGPO has no ratio. With π_ref = the rollout's own weights (`reference="old"`) the policy is at its reference:
+    every ℓ_θ − ℓ_ref is the rounding of outputs recomputed in another batch (a few float32 eps of ℓ), so the
+    margin −β Σ ŵ (ℓ_θ − ℓ_ref), Σ|ŵ| = 2, is 0 to within β · 2 · that, and the loss is mean(s) · log 2 (s = the
+    groups' mean |A|) whatever the sign of the preferences."""
+    import math
+
+    algo, policy, env = build("dgpo", model, reference="old")
+    items = prepare(algo, rollout_of(policy, env))
+    with torch.no_grad():
+        out = algo.loss(items)
+        flipped = items.clone()
+        flipped["weights"] = -flipped["weights"]
+        out_flipped = algo.loss(flipped)
+    tol = algo.cfg.beta * 2 * 16 * torch.finfo(torch.float32).eps * items["ref_losses"].abs().max().item()
+    assert abs(out["margin_mean"].item()) <= tol
+    at_reference = items["advantages"].abs().mean(1).mean().item() * math.log(2)
+    for o in (out, out_flipped):
+        assert o["loss_policy"].item() == pytest.approx(at_reference, abs=tol)
+
+
+@pytest.mark.parametrize("model", list(FAMILY))
+def test_dgpo_pairs_are_diffusion_dpo(model):
+    """Groups of 2: ŵ = +1 on the better sample and −1 on the worse, and the loss is Diffusion-DPO's
+    −log σ(−β [(ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l))]), computed here row by row from the model's own
+    training loss at the pair's shared draw (flow: target ε − x0 at x_t = (1 − t) x0 + t ε; ε-model: target ε)."""
+    algo, policy, env = build("dgpo", model, group_size=2)
+    items = prepare(algo, rollout_of(policy, env))
+    r, w = items["rewards"], items["weights"]
+    assert (r[:, 0] != r[:, 1]).all()
+    assert torch.equal(w, torch.where(r[:, :1] > r[:, 1:], 1.0, -1.0) * torch.tensor([1.0, -1.0]))
+    assert torch.equal(items["times"][:, 0], items["times"][:, 1])  # one draw per pair
+    assert torch.equal(items["noises"][:, 0], items["noises"][:, 1])
+    assert (items["times"] >= algo.cfg.time_min).all()
+    flat = items.reshape(-1)
+    if model == "digits-flow":
+        t = flat["times"].view(-1, 1, 1, 1)
+        torch.testing.assert_close(flat["latents"], (1 - t) * flat["x0"] + t * flat["noises"])
+        target = flat["noises"] - flat["x0"]
+    else:
+        target = flat["noises"]
+
+    def ell(reference):
+        with torch.no_grad():
+            out = torch.stack([policy.predict(flat["latents"][i:i + 1], flat["timesteps"][i:i + 1],
+                                              flat["conditions"][i:i + 1], reference)[0] for i in range(len(flat))])
+        return (out - target).pow(2).flatten(1).mean(1).view(-1, 2)
+
+    d = ell(False) - ell(True)
+    better = (r[:, 0] < r[:, 1]).long()
+    rows = torch.arange(len(r))
+    s = items["advantages"].abs().mean(1)  # the group weight, |A| of either member
+    expected = (-s * torch.nn.functional.logsigmoid(-algo.cfg.beta * (d[rows, better] - d[rows, 1 - better]))).mean()
+    with torch.no_grad():
+        got = algo.loss(items)["loss_policy"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dgpo_weights_put_unit_mass_on_each_side_and_units_are_whole_groups():
+    """Σ_{A>0} ŵ = 1 = −Σ_{A<0} ŵ in every group, to the rounding of G divisions (the condition under which the
+    partition function cancels), ŵ ∝ A on each side; each item unit is one group (one condition and group id) at
+    one shared draw."""
+    algo, policy, env = build("dgpo", "digits-flow", group_size=4, num_envs=16, n_draws=3)
+    items = prepare(algo, rollout_of(policy, env))
+    assert items.batch_size == torch.Size([16 // 4 * 3, 4])
+    w, a = items["weights"].double(), items["advantages"].double()
+    eps = 4 * 4 * torch.finfo(torch.float32).eps
+    ones = torch.ones(len(w), dtype=torch.float64)
+    torch.testing.assert_close(w.clamp(min=0).sum(1), ones, rtol=0, atol=eps)
+    torch.testing.assert_close(w.clamp(max=0).sum(1), -ones, rtol=0, atol=eps)
+    torch.testing.assert_close(w.clamp(min=0) * a.clamp(min=0).sum(1, keepdim=True), a.clamp(min=0), rtol=eps, atol=0)
+    torch.testing.assert_close(w.clamp(max=0) * -a.clamp(max=0).sum(1, keepdim=True), a.clamp(max=0),
+                               rtol=eps, atol=0)
+    for key in ("group_ids", "conditions", "times"):
+        assert (items[key] == items[key][:, :1]).all(), key
+    assert len(items["group_ids"][:, 0].unique()) == 16 // 4
+    zero = torch.zeros(2, 4)
+    assert torch.equal(preference_weights(zero), zero)  # a group of equal rewards weighs nothing
+    assert torch.equal(preference_weights(torch.tensor([[1e-8, 0.0, 0.0, 0.0]])), torch.zeros(1, 4))  # no side
+
+
+def test_dgpo_reference_is_the_guided_base_and_its_options_are_checked():
+    """`reference="base"`: at a zero LoRA the policy is its reference (margin 0, loss log 2); with
+    ref_guidance_scale = w the reference losses are those of the base run with CFG at w. Bad options fail."""
+    import math
+
+    algo, policy, env = build("dgpo", "digits-flow", perturb=False)
+    items = prepare(algo, rollout_of(policy, env))
+    with torch.no_grad():
+        out = algo.loss(items)
+    assert out["margin_mean"].item() == pytest.approx(0.0, abs=1e-3)
+    assert out["loss_policy"].item() == pytest.approx(items["advantages"].abs().mean(1).mean().item() * math.log(2),
+                                                      rel=1e-3)
+    guided, policy_g, env_g = build("dgpo", "digits-flow", perturb=False, ref_guidance_scale=3.0)
+    items_g = prepare(guided, rollout_of(policy_g, env_g))
+    with torch.no_grad():
+        ref_out = guided._forward(items_g, reference=True)
+        flat = items_g.reshape(-1)
+        by_hand = policy_g.predict(flat["latents"], flat["timesteps"], flat["conditions"], True, 3.0)
+    torch.testing.assert_close(ref_out.flatten(0, 1), by_hand)
+    torch.testing.assert_close(items_g["ref_losses"], guided.matching_loss(ref_out, items_g))
+    assert not torch.allclose(items_g["ref_losses"], items["ref_losses"])
+    with pytest.raises(ValueError, match="group_size=1: expected an int >= 2"):
+        build("dgpo", "digits-flow", group_size=1)
+    with pytest.raises(ValueError, match="reference='old' and kl_coef=0"):
+        build("dgpo", "digits-flow", reference="old", ref_guidance_scale=2.0)

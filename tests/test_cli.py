@@ -81,7 +81,7 @@ GOOD_TASK = 'eval_images = 10\ncfg_scales = [1.0]\nbest_of_n = [2]\nalgos = []\n
      "(300 characters): expected a non-empty name without '/', '\\' or NUL, other than '.' and '..', of at most 100"),
     (["compare", "--config", "{tmp}/c.toml", "--out", "{tmp}/o"],
      {"c.toml": GOOD_TASK + 'name = "t"\n[task.algo_overrides.grpoo]\nlr = 1e-3\n'},
-     "task 't': algo_overrides names unknown algorithms ['grpoo']; expected some of ['awm', 'ddpo', 'fdfo', 'fpo', "
+     "task 't': algo_overrides names unknown algorithms ['grpoo']; expected some of ['awm', 'ddpo', 'dgpo', 'fdfo', 'fpo', "
      "'grpo', 'nft', 'sb3_ppo']"),
     (["compare", "--config", "{tmp}/c.toml", "--out", "{tmp}/o"],
      {"c.toml": GOOD_TASK + 'name = "t"\n[task.algo_overrides.sb3_ppo]\nlearning_rate = 1e-3\n'},

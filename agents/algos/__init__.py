@@ -11,6 +11,7 @@ from typing import Any
 from agents.algos.awm import AWM, AWMConfig
 from agents.algos.base import ALGORITHMS, AlgoConfig, Algorithm, register_algorithm
 from agents.algos.ddpo import DDPO, DDPOConfig
+from agents.algos.dgpo import DGPO, DGPOConfig
 from agents.algos.fdfo import FDFO, FDFOConfig
 from agents.algos.fpo import FPO, FPOConfig
 from agents.algos.grpo import GRPO, GRPOConfig
@@ -36,4 +37,4 @@ def make_algorithm_config(algo: str, overrides: dict[str, Any] | None = None) ->
 
 __all__ = ["ALGORITHMS", "AlgoConfig", "Algorithm", "make_algorithm_config", "register_algorithm",
            "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FPO", "FPOConfig", "DiffusionNFT", "NFTConfig",
-           "FDFO", "FDFOConfig", "AWM", "AWMConfig"]
+           "FDFO", "FDFOConfig", "AWM", "AWMConfig", "DGPO", "DGPOConfig"]
