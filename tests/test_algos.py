@@ -385,7 +385,7 @@ LEARN = {
     "nft": {"lr": 1e-3, "minibatch_size": 32},
     "fdfo": {"lr": 1e-3, "minibatch_size": 48},
     "awm": {"lr": 1e-3, "minibatch_size": 32},
-    "dgpo": {"lr": 1e-3, "minibatch_size": 4, "noise_level": 0.7},  # the task's SDE rollouts (the ODE is at 0.998)
+    "dgpo": {"lr": 1e-3, "minibatch_size": 2, "noise_level": 0.7},  # the SDE regime above (measured: 0.829 -> 0.871)
 }
 
 

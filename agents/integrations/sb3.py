@@ -1,7 +1,7 @@
 """Stable-Baselines3 integration (docs/design.md §5): a `VecEnv` over the native batch, a latent features
 extractor, and `DiffusionActorCriticPolicy`, which lets SB3's own PPO fine-tune the diffusion model.
 
-Noise-space RL (DSRL, Wagenmaker et al. 2025; docs/design.md §7.8) with any SB3 algorithm:
+Noise-space RL (DSRL, Wagenmaker et al. 2025; docs/design.md §7.9) with any SB3 algorithm:
 
     venv = VecMonitor(DiffusionSteerSB3VecEnv(64, model="digits-flow", num_steps=3, action_mode="noise"))
     model = PPO("MultiInputPolicy", venv, policy_kwargs=latent_policy_kwargs(), gamma=1.0)

@@ -1,5 +1,5 @@
 """TorchRL integration (docs/design.md §5): `DiffusionSteer-v0` as a native `EnvBase`, the diffusion policy as a
-`ProbabilisticActor`, and a small generic actor-critic for noise-space RL (DSRL, docs/design.md §7.8).
+`ProbabilisticActor`, and a small generic actor-critic for noise-space RL (DSRL, docs/design.md §7.9).
 
     env = DiffusionSteerTorchRLEnv(num_envs=16, **policy.env_kwargs(), action_mode="latent")
     actor = make_diffusion_actor(policy)                 # π_θ(x_{t−1} | x_t, c) = N(μ_θ, σ_t² I)
