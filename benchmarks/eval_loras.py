@@ -7,6 +7,12 @@ compare's (`entry_metrics`). Runs trained with `diffenv train` and the task's se
         runs/a/lora.safetensors runs/b/lora_probe_2048.safetensors
 
 Prints one line per LoRA (judge accuracy and diversity where the task has them) and writes every row to --out.
+
+`--time W...` also times each LoRA at guidance 1 against the base at guidance 1 and at CFG weight W, interleaved in
+this one process and thread count (`agents.benchmark.timing`, compare's own pass: 64 eval conditions, rotated
+rounds, median): each LoRA row gains `ms_per_image`, `time_vs_base` and `time_vs_cfg` (the ratio to the first W),
+and --out gains a row per timed CFG entry (`cfg w=1`, `cfg w=W`). The evaluations' own wall times are not a
+comparison (they run minutes apart); these ratios are. `--no-eval` times without scoring.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default=None, help="task name in the config (default: its only task)")
     p.add_argument("--out", type=Path, required=True, help="JSON file: {lora path: row}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--time", type=float, nargs="+", default=None, metavar="W",
+                   help="CFG weights (> 1) to time every LoRA against, interleaved with the base")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default: compare's)")
+    p.add_argument("--no-eval", action="store_true", help="time only (needs --time), no test-set scores")
     a = p.parse_args(argv)
+    if a.time is not None and any(w <= 1 for w in a.time):
+        p.error(f"--time {a.time}: CFG weights must be > 1 (the base at guidance 1 is always timed)")
+    if a.no_eval and a.time is None:
+        p.error("--no-eval without --time has nothing to do")
 
     import torch
 
@@ -44,17 +58,40 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"LoRA {path} does not exist")
     protocol = task_protocol(task.model)
     rows = {}
-    for path in a.loras:
+    for path in [] if a.no_eval else a.loras:
         start = time.perf_counter()
         row = entry_metrics(eval_model(task, load_tuned_backend(task.model, path), 1.0), task)
         rows[str(path)] = row
         shown = ["reward_mean"] + (["judge_accuracy", protocol.diversity] if protocol is not None else [])
         print(f"{path}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown)
               + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    if a.time is not None:
+        time_entries(task, a.loras, a.time, rows, a.rounds)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
     print(f"wrote {a.out} ({len(rows)} LoRAs, task {task.name!r})")
     return 0
+
+
+def time_entries(task, loras: list[Path], weights: list[float], rows: dict, rounds: int | None) -> None:
+    """Time the base (guidance 1), CFG at each of `weights` and every LoRA at guidance 1 in one interleaved pass;
+    set each LoRA row's ms_per_image / time_vs_base / time_vs_cfg and add a row per CFG entry (in place)."""
+    from agents.benchmark import timing
+    from diffenv.models import load_tuned_backend
+
+    base = "cfg w=1"
+    entries = {base: timing.sampler(task, task.model, 1.0)}
+    entries |= {f"cfg w={w:g}": timing.sampler(task, task.model, w) for w in weights}
+    entries |= {str(path): timing.sampler(task, load_tuned_backend(task.model, path)) for path in loras}
+    seconds = timing.interleaved_seconds(entries, **({} if rounds is None else {"rounds": rounds}))
+    n = min(timing.TIMING_IMAGES, task.eval_images)
+    cfg = f"cfg w={weights[0]:g}"
+    for key, s in seconds.items():
+        row = rows.setdefault(key, {})
+        row |= {"ms_per_image": 1e3 * s / n, "time_vs_base": s / seconds[base], "time_vs_cfg": s / seconds[cfg],
+                "nfe_per_image": task.num_steps * (1 if key == base or key in map(str, loras) else 2)}
+        print(f"time {key}: {1e3 * s / n:.2f} ms/image, {s / seconds[base]:.3f}x the base, "
+              f"{s / seconds[cfg]:.3f}x {cfg}", flush=True)
 
 
 if __name__ == "__main__":

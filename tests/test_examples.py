@@ -179,3 +179,19 @@ def test_eval_loras_scores_a_lora_as_compare_does(tmp_path):
     for key in ("reward_mean", "fd", "class_variance"):
         assert row[key] == pytest.approx(cached[key], rel=1e-5), key
     assert row["judge_accuracy"] == pytest.approx(cached["judge_accuracy"], abs=1 / 16 + 1e-12)
+    # --time: the LoRA, the base and CFG timed interleaved in one process; ratios to the base and to CFG
+    timed = tmp_path / "timed.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_loras.py"), "--config", str(cfg),
+                           "--out", str(timed), "--threads", "1", "--no-eval", "--time", "2", "--rounds", "1",
+                           str(lora)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(timed.read_text())
+    assert set(rows) == {"cfg w=1", "cfg w=2", str(lora)}
+    assert rows["cfg w=1"]["time_vs_base"] == 1.0 and rows["cfg w=2"]["time_vs_cfg"] == 1.0
+    assert [rows[k]["nfe_per_image"] for k in ("cfg w=1", "cfg w=2", str(lora))] == [2, 4, 2]
+    assert "judge_accuracy" not in rows[str(lora)] and rows[str(lora)]["ms_per_image"] > 0
+    assert rows[str(lora)]["time_vs_cfg"] == pytest.approx(rows[str(lora)]["time_vs_base"]
+                                                           / rows["cfg w=2"]["time_vs_base"])
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_loras.py"), "--config", str(cfg),
+                          "--out", str(timed), str(lora), "--time", "1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "CFG weights must be > 1" in bad.stderr
