@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         time_entries(task, a.loras, a.time, rows, a.rounds)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {a.out} ({len(rows)} LoRAs, task {task.name!r})")
+    print(f"wrote {a.out} ({len(a.loras)} LoRAs, {len(rows) - len(a.loras)} timed CFG rows, task {task.name!r})")
     return 0
 
 
