@@ -10,8 +10,8 @@ Prints one line per LoRA (judge accuracy and diversity where the task has them) 
 
 `--time W...` also times each LoRA at guidance 1 against the base at guidance 1 and at CFG weight W, interleaved in
 this one process and thread count (`agents.benchmark.timing`, compare's own pass: 64 eval conditions, rotated
-rounds, median): each LoRA row gains `ms_per_image`, `time_vs_base` and `time_vs_cfg` (the ratio to the first W),
-and --out gains a row per timed CFG entry (`cfg w=1`, `cfg w=W`). The evaluations' own wall times are not a
+rounds, median): each LoRA row gains `entry` (its path), `ms_per_image`, `time_vs_base`, `time_vs_cfg` (the ratio
+to the first W) and `nfe_per_image`, and --out gains a row per timed CFG entry (`cfg w=1`, `cfg w=W`). The evaluations' own wall times are not a
 comparison (they run minutes apart); these ratios are. `--no-eval` times without scoring.
 """
 
@@ -86,13 +86,14 @@ def time_entries(task, loras: list[Path], weights: list[float], rows: dict, roun
     seconds = timing.interleaved_seconds(entries, **({} if rounds is None else {"rounds": rounds}))
     n = min(timing.TIMING_IMAGES, task.eval_images)
     cfg = f"cfg w={weights[0]:g}"
-    for key, s in seconds.items():
-        row = rows.setdefault(key, {})
-        row |= {"ms_per_image": 1e3 * s / n, "time_vs_base": s / seconds[base], "time_vs_cfg": s / seconds[cfg],
-                "nfe_per_image": task.num_steps * (1 if key == base or key in map(str, loras) else 2)}
-        print(f"time {key}: {1e3 * s / n:.2f} ms/image, {s / seconds[base]:.3f}x the base, "
-              f"{s / seconds[cfg]:.3f}x {cfg}", flush=True)
-
+    for key in seconds:
+        rows.setdefault(key, {})["entry"] = key
+        rows[key]["nfe_per_image"] = task.num_steps * (1 if key == base or key in map(str, loras) else 2)
+    timing.apply_timings(list(rows.values()), {k: s / n for k, s in seconds.items()}, lambda r: r.get("entry"), base, cfg)
+    for key in seconds:
+        r = rows[key]
+        print(f"time {key}: {r['ms_per_image']:.2f} ms/image, {r['time_vs_base']:.3f}x the base, "
+              f"{r['time_vs_cfg']:.3f}x {cfg}", flush=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

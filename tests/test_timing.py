@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from agents.benchmark import timing
@@ -31,3 +33,13 @@ def test_apply_timings_sets_ms_per_image_and_the_ratio_to_the_base():
     assert [r.get("ms_per_image") for r in rows] == pytest.approx([10.0, 21.0, 10.5, None])
     assert [r.get("time_vs_base") for r in rows[:3]] == pytest.approx([1.0, 2.1, 1.05])
     assert "time_vs_base" not in rows[3]
+
+
+def test_apply_timings_adds_the_ratio_to_a_cfg_entry_when_named():
+    rows = [{"entry": "cfg w=1"}, {"entry": "cfg w=5"}, {"entry": "lora"}]
+    timing.apply_timings(rows, {"cfg w=1": 0.010, "cfg w=5": 0.020, "lora": 0.011}, lambda r: r["entry"],
+                         "cfg w=1", cfg_key="cfg w=5")
+    assert [r["time_vs_cfg"] for r in rows] == pytest.approx([0.5, 1.0, 0.55])
+    assert [r["time_vs_base"] for r in rows] == pytest.approx([1.0, 2.0, 1.1])
+    timing.apply_timings(rows, {"lora": 0.011}, lambda r: r["entry"], "cfg w=1", cfg_key="cfg w=5")
+    assert math.isnan(rows[2]["time_vs_cfg"]) and math.isnan(rows[2]["time_vs_base"])  # reference not timed

@@ -56,12 +56,15 @@ def sampler(task, model, guidance_scale: float = 1.0, candidates: int = 1) -> Ca
     return run
 
 
-def apply_timings(rows: list[dict], per_image: dict[str, float], key: Callable[[dict], str], base_key: str) -> None:
+def apply_timings(rows: list[dict], per_image: dict[str, float], key: Callable[[dict], str], base_key: str,
+                  cfg_key: str | None = None) -> None:
     """Set each row's `ms_per_image` and `time_vs_base` from the interleaved seconds `per_image` of its entry
-    (`key(row)`), relative to the entry `base_key` (in place)."""
-    base = per_image.get(base_key)
+    (`key(row)`), relative to the entry `base_key`, and `time_vs_cfg` relative to `cfg_key` when given (in place)."""
+    ratios = {"time_vs_base": per_image.get(base_key)}
+    if cfg_key is not None:
+        ratios["time_vs_cfg"] = per_image.get(cfg_key)
     for r in rows:
         k = key(r)
         if k in per_image:
             r["ms_per_image"] = 1e3 * per_image[k]
-            r["time_vs_base"] = per_image[k] / base if base else float("nan")
+            r |= {name: per_image[k] / ref if ref else float("nan") for name, ref in ratios.items()}
